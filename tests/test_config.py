@@ -66,7 +66,7 @@ def test_parse_override(text: str, path: list[str], value: object) -> None:
 
 
 def test_override_without_equals_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("generation.temperature")
 
 

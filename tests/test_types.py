@@ -22,7 +22,8 @@ def _catalog() -> Catalog:
 def test_catalog_lookup_and_positions() -> None:
     catalog = _catalog()
     assert len(catalog) == 3
-    assert "2" in catalog and "9" not in catalog
+    assert "2" in catalog
+    assert "9" not in catalog
     assert catalog["3"].title == "Heat (1986)"
     assert [catalog.position(i) for i in ("1", "2", "3")] == [0, 1, 2]
     assert catalog.titles[1] == "Alien (1979)"

@@ -1,0 +1,423 @@
+"""Collaborative scorers over catalog positions: most-popular and SASRec+ (full cross-entropy)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from recgen.config import CollabConfig, SASRecConfig, dump_config, load_config
+from recgen.errors import ConfigError, IndexMismatchError
+from recgen.types import Catalog, History
+
+__all__ = ["PopularityScorer", "SASRecScorer", "Scorer", "fit_scorer", "load_scorer"]
+
+_log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores every catalog item for each history (higher is better)."""
+
+    name: str
+
+    def score(self, histories: Sequence[History]) -> np.ndarray:
+        """Shape ``(len(histories), len(catalog))``, columns in catalog order."""
+        ...
+
+
+def _check_fitted(scorer: object, fitted: bool) -> None:
+    if not fitted:
+        raise ConfigError(f"{type(scorer).__name__} is not fitted: call fit() or load() first")
+
+
+def _write_meta(path: Path, kind: str, catalog: Catalog, **extra: Any) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": kind, "catalog_fingerprint": catalog.fingerprint(), "n_items": len(catalog)}
+    (path / "meta.json").write_text(json.dumps(meta | extra, indent=2), encoding="utf-8")
+
+
+def _read_meta(path: Path, catalog: Catalog) -> dict[str, Any]:
+    meta_file = Path(path) / "meta.json"
+    if not meta_file.is_file():
+        raise ConfigError(f"{path} is not a saved scorer (no meta.json)")
+    meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("catalog_fingerprint") != catalog.fingerprint():
+        raise IndexMismatchError(
+            f"scorer in {path} was fitted on catalog {meta.get('catalog_fingerprint')} "
+            f"({meta.get('n_items')} items), not on {catalog.name!r} ({catalog.fingerprint()}, "
+            f"{len(catalog)} items): refit it on this catalog"
+        )
+    return meta
+
+
+# --------------------------------------------------------------------------- popularity
+
+
+class PopularityScorer:
+    """Scores items by their interaction count in the training histories (same for everyone)."""
+
+    name = "popular"
+
+    def __init__(self) -> None:
+        self.catalog: Catalog | None = None
+        self.counts = np.zeros(0, dtype=np.float64)
+
+    def fit(self, train: Mapping[str, History], catalog: Catalog) -> PopularityScorer:
+        """Count interactions per catalog item; items outside the catalog are ignored."""
+        counts = np.zeros(len(catalog), dtype=np.float64)
+        for history in train.values():
+            for item_id in history.item_ids:
+                if item_id in catalog:
+                    counts[catalog.position(item_id)] += 1
+        self.catalog, self.counts = catalog, counts
+        return self
+
+    def score(self, histories: Sequence[History]) -> np.ndarray:
+        """The training counts, repeated for each history."""
+        _check_fitted(self, self.catalog is not None)
+        return np.tile(self.counts, (len(histories), 1))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the counts and the catalog fingerprint to folder ``path``."""
+        if self.catalog is None:
+            raise ConfigError("PopularityScorer is not fitted: call fit() or load() first")
+        path = Path(path)
+        _write_meta(path, "popular", self.catalog)
+        np.save(path / "counts.npy", self.counts)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, catalog: Catalog) -> PopularityScorer:
+        """Reload from ``save``; raises IndexMismatchError for another catalog."""
+        _read_meta(Path(path), catalog)
+        scorer = cls()
+        scorer.catalog, scorer.counts = catalog, np.load(Path(path) / "counts.npy")
+        return scorer
+
+
+# --------------------------------------------------------------------------- SASRec
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention then a position-wise FFN."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, h = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(h, dim=2)
+        q, k, v = (
+            t.view(b, length, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v)
+        )
+        p = self.dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, length, h)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class _SASRec(nn.Module):
+    """SASRec (Kang & McAuley 2018): item + learned position embeddings, causal blocks.
+
+    Token 0 is padding; catalog position ``p`` is token ``p + 1``. Output logits are dot
+    products with the (shared) item embeddings.
+    """
+
+    def __init__(self, n_items: int, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.items = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
+        self.max_len = cfg.max_len
+        self.positions = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            _Block(cfg.hidden, cfg.heads, cfg.dropout) for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.hidden)
+        nn.init.normal_(self.items.weight, std=cfg.hidden**-0.5)
+        nn.init.normal_(self.positions.weight, std=0.02)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Shape ``(batch, len, hidden)`` for left-padded token ids ``(batch, len)``."""
+        length = tokens.shape[1]
+        real = tokens > 0
+        # Right-aligned positions: the newest item always has the last position, as if every
+        # sequence were padded to max_len.
+        pos = torch.arange(self.max_len - length, self.max_len, device=tokens.device)
+        x = self.items(tokens) * math.sqrt(self.items.embedding_dim) + self.positions(pos)
+        x = self.drop(x) * real.unsqueeze(-1)
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+        # Real queries see earlier real keys; padding queries see only themselves (no NaN).
+        mask = causal & (
+            real.unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=tokens.device)
+        )
+        mask = mask.unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, mask) * real.unsqueeze(-1)
+        return self.norm(x)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Scores over catalog positions (padding token dropped)."""
+        return states @ self.items.weight[1:].T
+
+
+def _encode(history: History, catalog: Catalog, max_len: int) -> list[int]:
+    """Token ids (catalog position + 1) of the newest ``max_len`` known items."""
+    tokens = [catalog.position(i) + 1 for i in history.item_ids if i in catalog]
+    return tokens[-max_len:]
+
+
+def _length_batches(
+    lengths: Sequence[int], batch_size: int, rng: np.random.Generator, *, pool: int = 8
+) -> list[np.ndarray]:
+    """Shuffled batches of similar length (less padding): shuffle, sort within pools of
+    ``pool`` batches by length, cut into batches, shuffle the batches."""
+    order = rng.permutation(len(lengths))
+    lens = np.asarray(lengths)
+    batches: list[np.ndarray] = []
+    step = batch_size * pool
+    for start in range(0, len(order), step):
+        chunk = order[start : start + step]
+        chunk = chunk[np.argsort(-lens[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _pad_left(seqs: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    out = torch.zeros(len(seqs), length, dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        if seq:
+            out[r, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+class SASRecScorer:
+    """SASRec trained with full cross-entropy over the catalog at every position ("SASRec+").
+
+    Use ``SASRecScorer().fit(train, catalog, config, validate=...)``; ``validate`` returns the
+    validation NDCG@10 of the scorer and drives early stopping (best weights are kept).
+    """
+
+    name = "sasrec"
+
+    def __init__(self) -> None:
+        self.catalog: Catalog | None = None
+        self.config = SASRecConfig()
+        self.model: _SASRec | None = None
+        self.history: list[dict[str, float]] = []
+        """Per epoch: loss, validation metric and seconds."""
+        self.best_epoch = 0
+        self.best_valid = float("nan")
+        self.train_seconds = 0.0
+
+    @property
+    def epochs(self) -> int:
+        """Epochs trained (including those after the best one)."""
+        return len(self.history)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(
+        self,
+        train: Mapping[str, History],
+        catalog: Catalog,
+        config: SASRecConfig | None = None,
+        *,
+        validate: Callable[[SASRecScorer], float] | None = None,
+        show_progress: bool = True,
+    ) -> SASRecScorer:
+        """Train on each user's training sequence (next item at every position).
+
+        Args:
+            train: user_id -> training history (oldest first).
+            catalog: The items scores refer to.
+            config: Hyper-parameters (defaults: ``SASRecConfig()``).
+            validate: Returns validation NDCG@10 for the current weights; without it the model
+                trains for ``max_epochs`` and keeps the last weights.
+            show_progress: Show a tqdm bar over epochs with the loss and validation metric.
+
+        Raises:
+            ConfigError: if no training history has two known items.
+        """
+        self.config, self.catalog = config or SASRecConfig(), catalog
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(cfg.threads)
+        rng = np.random.default_rng(cfg.seed)
+        seqs = [s for h in train.values() if len(s := _encode(h, catalog, cfg.max_len + 1)) > 1]
+        if not seqs:
+            raise ConfigError("no training history has two catalog items: nothing to learn")
+        self.model = _SASRec(len(catalog), cfg)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        best_state, bad, self.history = None, 0, []
+        bar = tqdm(range(cfg.max_epochs), desc="SASRec", unit="epoch", disable=not show_progress)
+        start = time.perf_counter()
+        for epoch in bar:
+            loss = self._epoch(seqs, opt, rng)
+            metric = validate(self) if validate is not None else float("nan")
+            self.history.append(
+                {"loss": loss, "valid": metric, "seconds": time.perf_counter() - start}
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", ndcg10=f"{metric:.4f}")
+            if validate is None:
+                continue
+            if best_state is None or metric > self.best_valid:
+                self.best_valid, self.best_epoch, bad = metric, epoch + 1, 0
+                best_state = copy.deepcopy(self.model.state_dict())
+            elif (bad := bad + 1) >= cfg.patience:
+                break
+        bar.close()
+        self.train_seconds = time.perf_counter() - start
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        self.model.eval()
+        _log.info(
+            "SASRec: %d epochs in %.1fs, best valid NDCG@10 %.4f at epoch %d",
+            self.epochs,
+            self.train_seconds,
+            self.best_valid,
+            self.best_epoch,
+        )
+        return self
+
+    def _epoch(
+        self, seqs: list[list[int]], opt: torch.optim.Optimizer, rng: np.random.Generator
+    ) -> float:
+        """One pass over the shuffled sequences; returns the mean loss per predicted item."""
+        model, _ = self._fitted()
+        model.train()
+        total, count = 0.0, 0
+        for idx in _length_batches([len(s) for s in seqs], self.config.batch_size, rng):
+            batch = [seqs[i] for i in idx]
+            tokens = _pad_left(batch, max(len(s) for s in batch))
+            inputs, targets = tokens[:, :-1], tokens[:, 1:] - 1  # -1: padding target
+            real = targets >= 0
+            states = model.hidden_states(inputs)[real]
+            loss = F.cross_entropy(model.logits(states), targets[real])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * int(real.sum()), count + int(real.sum())
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _fitted(self) -> tuple[_SASRec, Catalog]:
+        if self.model is None or self.catalog is None:
+            raise ConfigError("SASRecScorer is not fitted: call fit() or load() first")
+        return self.model, self.catalog
+
+    @torch.no_grad()
+    def score(self, histories: Sequence[History], *, batch_size: int = 256) -> np.ndarray:
+        """Next-item scores over catalog positions; a history with no known item scores 0."""
+        model, catalog = self._fitted()
+        model.eval()
+        out = np.zeros((len(histories), len(catalog)), dtype=np.float32)
+        for start in range(0, len(histories), batch_size):
+            seqs = [
+                _encode(h, catalog, self.config.max_len)
+                for h in histories[start : start + batch_size]
+            ]
+            live = [r for r, s in enumerate(seqs) if s]
+            if not live:
+                continue
+            tokens = _pad_left([seqs[r] for r in live], max(len(seqs[r]) for r in live))
+            states = model.hidden_states(tokens)[:, -1]
+            out[[start + r for r in live]] = model.logits(states).numpy()
+        return out
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, path: str | Path) -> Path:
+        """Write config, weights, training log and the catalog fingerprint to folder ``path``."""
+        model, catalog = self._fitted()
+        path = Path(path)
+        _write_meta(
+            path,
+            "sasrec",
+            catalog,
+            history=self.history,
+            best_epoch=self.best_epoch,
+            best_valid=self.best_valid,
+            train_seconds=self.train_seconds,
+        )
+        dump_config(self.config, path / "config.toml")
+        torch.save(model.state_dict(), path / "model.pt")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, catalog: Catalog) -> SASRecScorer:
+        """Reload from ``save``; raises IndexMismatchError for another catalog."""
+        path = Path(path)
+        meta = _read_meta(path, catalog)
+        scorer = cls()
+        scorer.config = load_config(path / "config.toml", model=SASRecConfig)
+        scorer.catalog = catalog
+        scorer.model = _SASRec(len(catalog), scorer.config)
+        scorer.model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+        scorer.model.eval()
+        scorer.history = list(meta.get("history", []))
+        scorer.best_epoch = int(meta.get("best_epoch", 0))
+        scorer.best_valid = float(meta.get("best_valid", float("nan")))
+        scorer.train_seconds = float(meta.get("train_seconds", 0.0))
+        return scorer
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def fit_scorer(
+    config: CollabConfig,
+    *,
+    train: Mapping[str, History],
+    catalog: Catalog,
+    validate: Callable[[SASRecScorer], float] | None = None,
+    show_progress: bool = True,
+) -> Scorer:
+    """Fit the configured collaborative scorer on the training histories.
+
+    Raises:
+        ConfigError: for ``method="none"`` (there is nothing to fit).
+    """
+    if config.method == "popular":
+        return PopularityScorer().fit(train, catalog)
+    if config.method == "sasrec":
+        return SASRecScorer().fit(
+            train, catalog, config.sasrec, validate=validate, show_progress=show_progress
+        )
+    raise ConfigError(
+        f"collab.method={config.method!r} has no scorer to fit; use 'popular' or 'sasrec'"
+    )
+
+
+def load_scorer(path: str | Path, *, catalog: Catalog) -> Scorer:
+    """Reload any scorer saved with ``save`` (the kind is read from its meta.json).
+
+    Raises:
+        ConfigError: if the folder holds no saved scorer or an unknown kind.
+        IndexMismatchError: if it was fitted on another catalog.
+    """
+    kind = _read_meta(Path(path), catalog).get("kind")
+    if kind == "popular":
+        return PopularityScorer.load(path, catalog)
+    if kind == "sasrec":
+        return SASRecScorer.load(path, catalog)
+    raise ConfigError(f"{path}/meta.json: unknown scorer kind {kind!r} (popular or sasrec)")

@@ -1,0 +1,162 @@
+"""Ranking: turn score vectors over catalog positions into top-N item lists."""
+
+# pyright: strict
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from recgen.errors import DataError
+from recgen.types import Catalog
+
+__all__ = ["top_n", "top_n_batch"]
+
+_log = logging.getLogger(__name__)
+
+FloatArray = NDArray[np.float64]
+
+
+def _positions(catalog: Catalog, item_ids: Collection[str], *, what: str) -> NDArray[np.intp]:
+    """Catalog positions of ``item_ids``; ids absent from the catalog raise (``candidates``)."""
+    out: list[int] = []
+    for item_id in item_ids:
+        if item_id not in catalog:
+            raise DataError(
+                f"{what} item {item_id!r} is not in catalog {catalog.name!r}; "
+                "pass only ids of catalog items"
+            )
+        out.append(catalog.position(item_id))
+    return np.asarray(out, dtype=np.intp)
+
+
+def _mask_row(
+    scores: FloatArray,
+    *,
+    catalog: Catalog,
+    exclude: Collection[str],
+    candidates: Sequence[str] | None,
+) -> FloatArray:
+    """A float64 copy of ``scores`` where NaN, excluded and non-candidate items are -inf."""
+    row = np.array(scores, dtype=np.float64, copy=True)
+    row[np.isnan(row)] = -np.inf
+    if candidates is not None:
+        keep = _positions(catalog, candidates, what="candidate")
+        masked = np.full_like(row, -np.inf)
+        masked[keep] = row[keep]
+        row = masked
+    drop = [catalog.position(i) for i in exclude if i in catalog]
+    if drop:
+        row[np.asarray(drop, dtype=np.intp)] = -np.inf
+    return row
+
+
+def _top_positions(row: FloatArray, n: int) -> NDArray[np.intp]:
+    """Positions of the ``n`` best finite-or-+inf scores, best first, ties by lower position.
+
+    Selects with ``argpartition`` in O(N), then sorts only the selected few. Ties at the cut
+    are resolved by position, so the result never depends on the partition's internals.
+    """
+    valid = np.flatnonzero(row > -np.inf)
+    if valid.size == 0:
+        return valid
+    if valid.size <= n:
+        chosen = valid
+    else:
+        threshold = row[np.argpartition(-row, n - 1)[n - 1]]
+        above = np.flatnonzero(row > threshold)
+        tied = np.flatnonzero(row == threshold)[: n - above.size]
+        chosen = np.concatenate([above, tied])
+    order = np.lexsort((chosen, -row[chosen]))
+    return chosen[order]
+
+
+def _check_n(n: int) -> None:
+    if type(n) is not int or n < 1:
+        raise DataError(f"n={n!r}: the list length must be a positive int")
+
+
+def top_n(
+    scores: NDArray[np.floating] | Sequence[float],
+    *,
+    catalog: Catalog,
+    exclude: Collection[str] = (),
+    candidates: Sequence[str] | None = None,
+    n: int,
+) -> list[tuple[str, float]]:
+    """The ``n`` best-scored catalog items, best first.
+
+    Args:
+        scores: One score per catalog position (higher is better).
+        catalog: The catalog the positions refer to.
+        exclude: Item ids that never appear (the user's history); unknown ids are ignored.
+        candidates: If given, only these item ids are ranked.
+        n: Maximum list length; fewer are returned when fewer items are eligible.
+
+    Returns:
+        ``(item_id, score)`` pairs. Equal scores are ordered by catalog position; NaN and
+        -inf scores are never returned.
+
+    Raises:
+        DataError: if ``scores`` does not have one value per catalog item, ``n`` < 1, or a
+            candidate is not in the catalog.
+    """
+    _check_n(n)
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.shape != (len(catalog),):
+        raise DataError(
+            f"scores have shape {arr.shape} but catalog {catalog.name!r} has {len(catalog)} "
+            "items: pass one score per catalog position"
+        )
+    row = _mask_row(arr, catalog=catalog, exclude=exclude, candidates=candidates)
+    ids = catalog.item_ids
+    return [(ids[p], float(row[p])) for p in _top_positions(row, n)]
+
+
+def top_n_batch(
+    scores: NDArray[np.floating],
+    *,
+    catalog: Catalog,
+    excludes: Sequence[Collection[str]] | None = None,
+    candidates: Sequence[Sequence[str] | None] | None = None,
+    n: int,
+) -> list[list[tuple[str, float]]]:
+    """``top_n`` for each row of a score matrix (one row per user).
+
+    Args:
+        scores: Shape ``(n_users, len(catalog))``.
+        catalog: The catalog the columns refer to.
+        excludes: Per row, item ids to leave out (or None for none).
+        candidates: Per row, the only item ids to rank (None in a row: all items).
+        n: Maximum list length.
+
+    Returns:
+        One list of ``(item_id, score)`` pairs per row, as :func:`top_n` would return.
+
+    Raises:
+        DataError: on a shape mismatch, per-row arguments of the wrong length, or ``n`` < 1.
+    """
+    _check_n(n)
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != len(catalog):
+        raise DataError(
+            f"score matrix has shape {arr.shape} but catalog {catalog.name!r} has "
+            f"{len(catalog)} items: pass shape (n_users, {len(catalog)})"
+        )
+    m = arr.shape[0]
+    for name, arg in (("excludes", excludes), ("candidates", candidates)):
+        if arg is not None and len(arg) != m:
+            raise DataError(f"{name} has {len(arg)} entries for {m} score rows: pass one per row")
+    ids = catalog.item_ids
+    out: list[list[tuple[str, float]]] = []
+    for r in range(m):
+        row = _mask_row(
+            arr[r],
+            catalog=catalog,
+            exclude=() if excludes is None else excludes[r],
+            candidates=None if candidates is None else candidates[r],
+        )
+        out.append([(ids[p], float(row[p])) for p in _top_positions(row, n)])
+    return out
