@@ -281,9 +281,10 @@ def dump_config(config: BaseModel, path: str | Path) -> Path:
 def cache_dir(*parts: str) -> Path:
     """recgen's cache folder (``$RECGEN_CACHE``, else ``$XDG_CACHE_HOME/recgen``, else
     ``~/.cache/recgen``), joined with ``parts`` and created."""
-    root = os.environ.get("RECGEN_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    ) / "recgen"
+    root = (
+        os.environ.get("RECGEN_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "recgen"
+    )
     path = Path(root).joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+import math
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
+from recgen.config import RankingConfig
 from recgen.errors import DataError
-from recgen.types import Catalog
+from recgen.types import Catalog, Grounded, Grounding, Item, Recommendation
 
-__all__ = ["top_n", "top_n_batch"]
+__all__ = ["fuse", "llm_scores", "minmax", "top_n", "top_n_batch"]
 
 _log = logging.getLogger(__name__)
 
@@ -159,4 +161,119 @@ def top_n_batch(
             candidates=None if candidates is None else candidates[r],
         )
         out.append([(ids[p], float(row[p])) for p in _top_positions(row, n)])
+    return out
+
+
+# --------------------------------------------------------------------------- fusion
+
+_TIE_BREAK = 1e-6
+"""Weight of normalised popularity in fused scores: it only orders items that tie otherwise."""
+
+
+def minmax(scores: NDArray[np.floating]) -> FloatArray:
+    """Scores mapped to [0, 1] over their finite values (all zeros if they are constant)."""
+    arr = np.asarray(scores, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros_like(arr)
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi - lo <= 0:
+        return np.zeros_like(arr)
+    return np.where(np.isfinite(arr), (arr - lo) / (hi - lo), 0.0)
+
+
+def llm_scores(
+    grounded: Sequence[Grounded],
+    *,
+    catalog: Catalog,
+    popularity: NDArray[np.floating],
+    gamma: float,
+) -> FloatArray:
+    """The LLM's vote per catalog position, in [0, 1]; zero for items it did not propose.
+
+    A grounded item scores ``similarity / log2(1 + rank)`` (its candidate's place in the
+    output, as in NDCG), times BIGRec's popularity de-biasing ``(1 + pop) ** -gamma``, and the
+    best item is scaled to 1. An item grounded twice keeps its best score.
+    """
+    out = np.zeros(len(catalog), dtype=np.float64)
+    for g in grounded:
+        p = catalog.position(g.item_id)
+        score = g.similarity / math.log2(1 + g.candidate.rank)
+        score *= float(1 + popularity[p]) ** -gamma
+        out[p] = max(out[p], score)
+    top = float(out.max(initial=0.0))
+    return out / top if top > 0 else out
+
+
+def fuse(
+    grounding: Grounding,
+    *,
+    collab_scores: NDArray[np.floating] | None,
+    popularity: NDArray[np.floating],
+    catalog: Catalog,
+    exclude: Collection[str],
+    candidates: Sequence[str] | None,
+    n: int,
+    config: RankingConfig,
+    explain: Callable[[Item], str],
+) -> list[Recommendation]:
+    """Merge grounded LLM candidates with collaborative scores into the final top-``n`` list.
+
+    ``score = llm_weight * llm + collab_weight * minmax(collab)``, with ``llm`` from
+    :func:`llm_scores`; popularity only breaks ties, so the list is filled to ``n`` even when
+    the LLM proposed fewer items and there is no collaborative scorer.
+
+    Args:
+        grounding: The grounded LLM candidates of one user (history already excluded).
+        collab_scores: One collaborative score per catalog position, or None.
+        popularity: Training interaction counts per catalog position.
+        catalog: The items.
+        exclude: Item ids never to return (the user's history).
+        candidates: If given, only these item ids are ranked.
+        n: List length.
+        config: Fusion weights and popularity de-biasing.
+        explain: Explanation for an item the LLM did not propose.
+
+    Returns:
+        At most ``n`` recommendations, best first, ranks from 1, each with an explanation.
+    """
+    llm = llm_scores(
+        grounding.grounded, catalog=catalog, popularity=popularity, gamma=config.popularity_gamma
+    )
+    collab = np.zeros(len(catalog)) if collab_scores is None else minmax(collab_scores)
+    fused = config.llm_weight * llm + config.collab_weight * collab
+    fused += _TIE_BREAK * minmax(popularity)
+    by_item = {g.item_id: g for g in grounding.grounded}
+    out: list[Recommendation] = []
+    for rank, (item_id, score) in enumerate(
+        top_n(fused, catalog=catalog, exclude=exclude, candidates=candidates, n=n), start=1
+    ):
+        g = by_item.get(item_id)
+        if g is not None and llm[catalog.position(item_id)] * config.llm_weight > 0:
+            source = "hybrid" if collab_scores is not None and config.collab_weight > 0 else "llm"
+            out.append(
+                Recommendation(
+                    item_id=item_id,
+                    title=g.title,
+                    score=score,
+                    rank=rank,
+                    source=source,
+                    explanation=g.candidate.explanation or explain(catalog[item_id]),
+                    similarity=g.similarity,
+                    match=g.match,
+                )
+            )
+        else:
+            item = catalog[item_id]
+            source = "collab" if collab_scores is not None else "popular"
+            out.append(
+                Recommendation(
+                    item_id=item_id,
+                    title=item.title,
+                    score=score,
+                    rank=rank,
+                    source=source,
+                    explanation=explain(item),
+                )
+            )
     return out

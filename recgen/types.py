@@ -30,8 +30,8 @@ __all__ = [
     "Message",
     "Parsed",
     "Prompt",
-    "RecDataset",
     "Ranker",
+    "RecDataset",
     "Recommendation",
     "Rejected",
     "Split",
@@ -57,7 +57,7 @@ class Item:
 
     item_id: str
     title: str
-    attributes: Mapping[str, AttrValue] = field(default_factory=lambda: {})
+    attributes: Mapping[str, AttrValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +143,10 @@ class History:
 
     @classmethod
     def create(
-        cls, history: History | Iterable[str | Event | Mapping[str, object]], *, user_id: str | None = None
+        cls,
+        history: History | Iterable[str | Event | Mapping[str, object]],
+        *,
+        user_id: str | None = None,
     ) -> History:
         """Normalise loose input: a ``History``, item ids, ``Event`` s or dicts with ``item_id``.
 
@@ -194,7 +197,7 @@ class LoadReport:
     n_users: int
     n_items: int
     n_interactions: int
-    dropped: Mapping[str, int] = field(default_factory=lambda: {})
+    dropped: Mapping[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
 
@@ -245,7 +248,7 @@ class Split:
     valid: tuple[Example, ...]
     test: tuple[Example, ...]
     seed: int
-    info: Mapping[str, object] = field(default_factory=lambda: {})
+    info: Mapping[str, object] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the LLM pipeline

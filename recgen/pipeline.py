@@ -1,0 +1,453 @@
+"""The Recommender: wires history -> interests -> prompt -> LLM -> parse -> ground -> rank.
+
+This is the only module that composes the stages; each stage stays ignorant of the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recgen import (
+    __version__,
+    collab,
+    data,
+    evaluate,
+    generation,
+    grounding,
+    interests,
+    parsing,
+    prompting,
+    ranking,
+    splits,
+)
+from recgen.config import RecommenderConfig, cache_dir, dump_config, load_config
+from recgen.errors import ConfigError, DataError, IndexMismatchError
+from recgen.types import (
+    Catalog,
+    Event,
+    Example,
+    Generation,
+    Grounding,
+    History,
+    InterestState,
+    Item,
+    Parsed,
+    Prompt,
+    RecDataset,
+    Recommendation,
+    Split,
+)
+
+__all__ = ["Recommender", "Trace"]
+
+_log = logging.getLogger(__name__)
+
+HistoryLike = History | Sequence[str | Event | Mapping[str, object]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trace:
+    """Everything the stages produced for one user: for the demo, debugging and evaluation."""
+
+    history: History
+    state: InterestState | None
+    prompt: Prompt | None
+    generation: Generation | None
+    parsed: Parsed | None
+    grounding: Grounding | None
+    recommendations: tuple[Recommendation, ...]
+    fallback: str | None = None
+    """Why the LLM stages were skipped (e.g. an empty history), if they were."""
+
+
+class Recommender:
+    """A configured generative recommender over one catalog.
+
+    Build it with :meth:`from_config` (loads data, fits the collaborative scorer, builds the
+    index, loads the LLM) or pass ready components. ``recommend`` and ``recommend_batch`` run
+    the same stages; ``rank`` makes it a :class:`recgen.types.Ranker` for the evaluator.
+
+    Args:
+        config: The pipeline configuration.
+        catalog: The items that may be recommended.
+        generator: The LLM backend (``recgen.generation.make_generator`` by default).
+        index: The catalog's title index (built with the configured encoder by default).
+        scorer: The collaborative scorer, or None for LLM-only ranking.
+        popularity: Training interaction counts over catalog positions (empty-history fallback
+            and popularity de-biasing); zeros if not given.
+        real_time: Whether history timestamps are real times (enables time context).
+    """
+
+    name = "recgen"
+
+    def __init__(
+        self,
+        config: RecommenderConfig,
+        *,
+        catalog: Catalog,
+        generator: generation.Generator | None = None,
+        index: grounding.CatalogIndex | None = None,
+        scorer: collab.Scorer | None = None,
+        popularity: np.ndarray | None = None,
+        real_time: bool = True,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.generator = generator or generation.make_generator(config.generation)
+        if index is None:
+            encoder = grounding.make_encoder(config.grounding)
+            index = grounding.CatalogIndex.build(catalog, encoder, config.grounding)
+        self.index = index
+        self.scorer = scorer
+        self.popularity = (
+            np.zeros(len(catalog), dtype=np.float64) if popularity is None else popularity
+        )
+        self.real_time = real_time
+        self.renderer = prompting.PromptRenderer(
+            config.prompt, count_tokens=self.generator.count_tokens
+        )
+        self._by_title = {item.title.casefold(): item.item_id for item in catalog}
+
+    # ------------------------------------------------------------------ public API
+
+    def recommend(
+        self, history: HistoryLike, *, n: int | None = None, candidates: Sequence[str] | None = None
+    ) -> list[Recommendation]:
+        """Recommend ``n`` catalog items for one history, each with an explanation.
+
+        Args:
+            history: Item ids or exact catalog titles (oldest first), ``Event`` s, or a ``History``.
+            n: List length (default ``config.n``).
+            candidates: If given, only these item ids may be recommended.
+
+        Returns:
+            Recommendations, best first; never an item of the history.
+
+        Raises:
+            DataError: for an unknown item id or title, or ``n`` out of range.
+        """
+        return self.recommend_batch([history], n=n, candidates=candidates)[0]
+
+    def recommend_batch(
+        self,
+        histories: Sequence[HistoryLike],
+        *,
+        n: int | None = None,
+        candidates: Sequence[str] | None = None,
+    ) -> list[list[Recommendation]]:
+        """``recommend`` for many histories at once (batched LLM and encoder calls)."""
+        traces = self.trace_batch(histories, n=n, candidates=candidates)
+        return [list(t.recommendations) for t in traces]
+
+    def rank(self, examples: Sequence[Example], *, n: int) -> list[list[str]]:
+        """The evaluator's interface: item ids for each example, best first."""
+        traces = self._trace_examples(examples, n=n)
+        return [[r.item_id for r in t.recommendations] for t in traces]
+
+    def trace_batch(
+        self,
+        histories: Sequence[HistoryLike],
+        *,
+        n: int | None = None,
+        candidates: Sequence[str] | None = None,
+    ) -> list[Trace]:
+        """Run every stage and keep each stage's output (the demo prints these)."""
+        resolved = [self._resolve(h) for h in histories]
+        cands = None if candidates is None else self._check_candidates(candidates)
+        examples = [
+            Example(user_id=h.user_id or "", history=h, target="", candidates=cands)
+            for h in resolved
+        ]
+        return self._trace_examples(examples, n=n)
+
+    # ------------------------------------------------------------------ stages
+
+    def _trace_examples(self, examples: Sequence[Example], *, n: int | None) -> list[Trace]:
+        n = self._check_n(n)
+        traces: dict[int, Trace] = {}
+        live = [i for i, ex in enumerate(examples) if len(ex.history) > 0]
+        for i, ex in enumerate(examples):
+            if len(ex.history) == 0:
+                traces[i] = self._popular_fallback(ex, n=n)
+        if live:
+            states = [self._state(examples[i].history) for i in live]
+            prompts = [self.renderer.render(s) for s in states]
+            gens = self.generator.generate(prompts)
+            parsed = [parsing.parse_generation(g) for g in gens]
+            excludes = [set(examples[i].history.item_ids) for i in live]
+            grounded = grounding.ground_batch(
+                parsed, index=self.index, excludes=excludes, config=self.config.grounding
+            )
+            collab_scores = self._collab_scores([examples[i].history for i in live])
+            for j, i in enumerate(live):
+                ex = examples[i]
+                recs = ranking.fuse(
+                    grounded[j],
+                    collab_scores=None if collab_scores is None else collab_scores[j],
+                    popularity=self.popularity,
+                    catalog=self.catalog,
+                    exclude=excludes[j],
+                    candidates=ex.candidates,
+                    n=n,
+                    config=self.config.ranking,
+                    explain=lambda item, s=states[j]: _profile_explanation(item, s),
+                )
+                traces[i] = Trace(
+                    history=ex.history,
+                    state=states[j],
+                    prompt=prompts[j],
+                    generation=gens[j],
+                    parsed=parsed[j],
+                    grounding=grounded[j],
+                    recommendations=tuple(recs),
+                )
+        return [traces[i] for i in range(len(examples))]
+
+    def _state(self, history: History) -> InterestState:
+        return interests.build_interest_state(
+            history, self.catalog, self.config.interests, real_time=self.real_time
+        )
+
+    def _collab_scores(self, histories: list[History]) -> np.ndarray | None:
+        if self.scorer is None or self.config.ranking.collab_weight == 0:
+            return None
+        return self.scorer.score(histories)
+
+    def _popular_fallback(self, ex: Example, *, n: int) -> Trace:
+        _log.info("empty history for user %r: recommending popular items", ex.user_id)
+        top = ranking.top_n(
+            self.popularity.astype(np.float64),
+            catalog=self.catalog,
+            candidates=ex.candidates,
+            n=n,
+        )
+        recs = tuple(
+            Recommendation(
+                item_id=item_id,
+                title=self.catalog[item_id].title,
+                score=score,
+                explanation="Popular with many users; there is no history to personalise from yet.",
+                rank=k + 1,
+                source="popular",
+            )
+            for k, (item_id, score) in enumerate(top)
+        )
+        return Trace(
+            history=ex.history,
+            state=None,
+            prompt=None,
+            generation=None,
+            parsed=None,
+            grounding=None,
+            recommendations=recs,
+            fallback="empty history: popular items",
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_n(self, n: int | None) -> int:
+        n = self.config.n if n is None else n
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(self.catalog):
+            raise DataError(
+                f"n={n!r} is out of range: ask for 1 to {len(self.catalog)} items "
+                "(the catalog size)"
+            )
+        return n
+
+    def _check_candidates(self, candidates: Sequence[str]) -> tuple[str, ...]:
+        unknown = [c for c in candidates if c not in self.catalog]
+        if unknown:
+            raise DataError(
+                f"{len(unknown)} candidate item id(s) are not in the catalog, e.g. "
+                f"{unknown[:3]!r}; pass ids from the catalog"
+            )
+        return tuple(candidates)
+
+    def _resolve(self, history: HistoryLike) -> History:
+        """Accept item ids or exact titles; unknown ones are an error naming them."""
+        h = History.create(
+            [
+                self._resolve_one(el, i) if isinstance(el, str) else el
+                for i, el in enumerate(history)
+            ]
+            if not isinstance(history, History)
+            else history
+        )
+        for i, e in enumerate(h.events):
+            if e.item_id not in self.catalog:
+                raise DataError(
+                    f"history item {i} has unknown item_id {e.item_id!r}: "
+                    "use ids or exact titles from the catalog"
+                )
+        return h
+
+    def _resolve_one(self, text: str, i: int) -> str:
+        if text in self.catalog:
+            return text
+        item_id = self._by_title.get(text.casefold())
+        if item_id is None:
+            raise DataError(
+                f"history item {i} ({text!r}) is neither an item id nor a catalog title; "
+                "use `recgen recommend --search` to find the exact title"
+            )
+        return item_id
+
+    # ------------------------------------------------------------------ building and saving
+
+    @classmethod
+    def from_config(
+        cls,
+        config: RecommenderConfig | str | Path | None = None,
+        *,
+        overrides: Sequence[str] = (),
+        show_progress: bool = True,
+        **values: Any,
+    ) -> Recommender:
+        """Build from a TOML config (or defaults): load and split data, fit, index, load the LLM.
+
+        Args:
+            config: A config object, a TOML path, or None for the defaults.
+            overrides: ``section.key=value`` strings.
+            show_progress: Show progress bars for training and indexing.
+            **values: Top-level config keys or whole sections.
+        """
+        if not isinstance(config, RecommenderConfig):
+            config = load_config(config, overrides=list(overrides), **values)
+        dataset = data.load_data(config.data)
+        return cls.fit(config, dataset=dataset, show_progress=show_progress)
+
+    @classmethod
+    def fit(
+        cls,
+        config: RecommenderConfig,
+        *,
+        dataset: RecDataset,
+        split: Split | None = None,
+        generator: generation.Generator | None = None,
+        show_progress: bool = True,
+    ) -> Recommender:
+        """Fit the collaborative parts on ``split.train`` (validating on ``split.valid``).
+
+        Nothing from the validation or test targets reaches training or the popularity counts.
+        Fitted scorers and indexes are cached by catalog fingerprint and config.
+        """
+        split = split or splits.split_dataset(dataset, config.data)
+        catalog = dataset.catalog
+        popularity = _counts(split.train, catalog)
+        scorer = None
+        if config.collab.method != "none":
+            scorer = collab.fit_scorer(
+                config.collab,
+                train=split.train,
+                catalog=catalog,
+                validate=evaluate.validation_callback(split.valid, catalog),
+            )
+        encoder = grounding.make_encoder(config.grounding)
+        index_dir = cache_dir("index", f"{catalog.fingerprint()}-{encoder.name.replace('/', '_')}")
+        try:
+            index = grounding.CatalogIndex.load(index_dir, catalog=catalog, encoder=encoder)
+        except (FileNotFoundError, IndexMismatchError):
+            index = grounding.CatalogIndex.build(
+                catalog, encoder, config.grounding, show_progress=show_progress
+            )
+            index.save(index_dir)
+        return cls(
+            config,
+            catalog=catalog,
+            generator=generator,
+            index=index,
+            scorer=scorer,
+            popularity=popularity,
+            real_time=dataset.has_timestamps,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Save config, catalog, index, collaborative scorer and popularity counts to ``path``.
+
+        ``Recommender.load(path)`` rebuilds the same pipeline without re-encoding or
+        re-training; the LLM is referenced by its configured name, not copied.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        dump_config(self.config, path / "config.toml")
+        data.save_catalog(self.catalog, path / "catalog.jsonl")
+        self.index.save(path / "index")
+        np.save(path / "popularity.npy", self.popularity)
+        if self.scorer is not None and hasattr(self.scorer, "save"):
+            self.scorer.save(path / "collab")  # type: ignore[attr-defined]
+        meta = {
+            "recgen_version": __version__,
+            "catalog_fingerprint": self.catalog.fingerprint(),
+            "template": self.config.prompt.template,
+            "template_hash": self.renderer.template_hash,
+            "real_time": self.real_time,
+        }
+        (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, overrides: Sequence[str] = ()) -> Recommender:
+        """Reload a pipeline saved with :meth:`save` (``overrides`` as in ``from_config``).
+
+        Raises:
+            ConfigError: if the folder is not a saved recommender.
+            IndexMismatchError: if its parts belong to another catalog or encoder.
+        """
+        path = Path(path)
+        if not (path / "config.toml").is_file() or not (path / "meta.json").is_file():
+            raise ConfigError(f"{path} is not a saved recommender (no config.toml/meta.json)")
+        config = load_config(path / "config.toml", overrides=list(overrides))
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        catalog = data.load_catalog(path / "catalog.jsonl")
+        if catalog.fingerprint() != meta["catalog_fingerprint"]:
+            raise IndexMismatchError(f"{path}/catalog.jsonl was changed after saving")
+        encoder = grounding.make_encoder(config.grounding)
+        index = grounding.CatalogIndex.load(path / "index", catalog=catalog, encoder=encoder)
+        scorer = None
+        if (path / "collab").exists():
+            scorer = collab.load_scorer(path / "collab", catalog=catalog)
+        return cls(
+            config,
+            catalog=catalog,
+            index=index,
+            scorer=scorer,
+            popularity=np.load(path / "popularity.npy"),
+            real_time=bool(meta.get("real_time", True)),
+        )
+
+
+def _counts(train: Mapping[str, History], catalog: Catalog) -> np.ndarray:
+    """Interaction counts over catalog positions, from training histories only."""
+    counts = np.zeros(len(catalog), dtype=np.float64)
+    for history in train.values():
+        for item_id in history.item_ids:
+            counts[catalog.position(item_id)] += 1
+    return counts
+
+
+def _profile_explanation(item: Item, state: InterestState) -> str:
+    """A data-derived explanation for an item the LLM did not propose."""
+    labels = _labels(item)
+    liked = [label for label, _ in state.recent_profile + state.long_term if label in labels]
+    shared = list(dict.fromkeys(liked))[:2]
+    if shared:
+        return (
+            f"Viewers with histories like yours pick it next, and it is {' and '.join(shared)}, "
+            "like much of what you chose."
+        )
+    return "Viewers with histories like yours often choose it next."
+
+
+def _labels(item: Item) -> set[str]:
+    out: set[str] = set()
+    for value in item.attributes.values():
+        if isinstance(value, tuple):
+            out.update(value)
+    return out

@@ -1,0 +1,180 @@
+"""Tests for recgen.pipeline: the Recommender wires the stages, validates input, saves/loads."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recgen.collab import PopularityScorer
+from recgen.config import RecommenderConfig, load_config
+from recgen.errors import DataError
+from recgen.generation import FakeGenerator
+from recgen.grounding import CatalogIndex, HashEncoder
+from recgen.pipeline import Recommender
+from recgen.types import Catalog, Event, History, Item, Prompt
+
+GENRES = ("Action", "Drama", "Comedy", "Sci-Fi")
+TITLES = [
+    "Heat (1995)",
+    "Alien (1979)",
+    "Aliens (1986)",
+    "Casablanca (1942)",
+    "Fargo (1996)",
+    "Toy Story (1995)",
+    "Se7en (1995)",
+    "Brazil (1985)",
+    "Clerks (1994)",
+    "Ran (1985)",
+    "Heat (1986)",
+    "Matrix, The (1999)",
+    "Amélie (2001)",
+    "Big Lebowski, The (1998)",
+]
+
+
+def _catalog() -> Catalog:
+    return Catalog(
+        items=tuple(
+            Item(item_id=str(i + 1), title=t, attributes={"genres": (GENRES[i % 4],)})
+            for i, t in enumerate(TITLES)
+        ),
+        name="tiny",
+    )
+
+
+def _script(prompt: Prompt) -> list[str]:
+    del prompt
+    return [
+        (
+            "Here are my picks:\n"
+            "1. Aliens (1986) | More xenomorphs after the Alien you liked.\n"
+            "2. The Matrix (1999) | Mind-bending action.\n"
+            "3. Totally Made Up Film (2031) | Does not exist.\n"
+            "4. Heat (1995) | Already seen.\n"
+            "garbage line without structure ::::\n"
+        )
+    ]
+
+
+def _recommender(config: RecommenderConfig | None = None, *, collab: bool = True) -> Recommender:
+    catalog = _catalog()
+    config = config or load_config(overrides=["grounding.encoder=hash", "generation.backend=fake"])
+    train = {
+        "a": History.create(["1", "2", "5", "6"]),
+        "b": History.create(["5", "6", "7"]),
+        "c": History.create(["6", "9"]),
+    }
+    scorer = PopularityScorer().fit(train, catalog) if collab else None
+    index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
+    popularity = np.zeros(len(catalog))
+    for h in train.values():
+        for item_id in h.item_ids:
+            popularity[catalog.position(item_id)] += 1
+    return Recommender(
+        config,
+        catalog=catalog,
+        generator=FakeGenerator(_script),
+        index=index,
+        scorer=scorer,
+        popularity=popularity,
+    )
+
+
+def test_recommend_returns_n_real_unseen_items_with_explanations() -> None:
+    rec = _recommender()
+    history = ["Heat (1995)", "2", Event(item_id="4", rating=5.0)]
+    recs = rec.recommend(history, n=5)
+    assert len(recs) == 5
+    ids = [r.item_id for r in recs]
+    assert len(set(ids)) == 5
+    assert not {"1", "2", "4"} & set(ids), "history items must never be recommended"
+    assert all(i in rec.catalog for i in ids)
+    assert all(r.explanation.strip() for r in recs)
+    assert [r.rank for r in recs] == [1, 2, 3, 4, 5]
+    assert all(a.score >= b.score for a, b in itertools.pairwise(recs))
+    by_id = {r.item_id: r for r in recs}
+    assert by_id["3"].explanation == "More xenomorphs after the Alien you liked."
+    assert by_id["3"].match == "exact"
+
+
+def test_trace_counts_bad_model_output_instead_of_raising() -> None:
+    rec = _recommender()
+    trace = rec.trace_batch([["1", "2"]], n=5)[0]
+    assert trace.parsed is not None
+    assert trace.grounding is not None
+    reasons = " ".join(r.reason for r in trace.grounding.rejected)
+    assert "history" in reasons  # "Heat (1995)" was proposed although already seen
+    grounded_ids = {g.item_id for g in trace.grounding.grounded}
+    assert "1" not in grounded_ids
+
+
+def test_llm_only_ranking_puts_the_first_llm_pick_first() -> None:
+    config = load_config(
+        overrides=["grounding.encoder=hash", "generation.backend=fake", "ranking.collab_weight=0"]
+    )
+    rec = _recommender(config, collab=False)
+    recs = rec.recommend(["1", "2"], n=3)
+    assert recs[0].item_id == "3"  # "Aliens (1986)", the first generated title
+    assert recs[0].source == "llm"
+
+
+def test_batch_equals_single_calls() -> None:
+    rec = _recommender()
+    histories = [["1", "2"], ["5"], ["6", "7", "9"]]
+    batch = rec.recommend_batch(histories, n=4)
+    singles = [rec.recommend(h, n=4) for h in histories]
+    assert [[r.item_id for r in b] for b in batch] == [[r.item_id for r in s] for s in singles]
+
+
+def test_candidates_restrict_the_list() -> None:
+    rec = _recommender()
+    recs = rec.recommend(["1"], n=3, candidates=["7", "8", "9", "1"])
+    assert {r.item_id for r in recs} <= {"7", "8", "9"}
+
+
+def test_empty_history_falls_back_to_popular_and_says_so() -> None:
+    rec = _recommender()
+    recs = rec.recommend([], n=3)
+    assert [r.item_id for r in recs] == [
+        "6",
+        "5",
+        "1",
+    ]  # training counts 3, 2, then ties by position
+    assert all(r.source == "popular" for r in recs)
+    assert all("no history" in r.explanation for r in recs)
+
+
+@pytest.mark.parametrize(
+    ("history", "n", "match"),
+    [
+        (["Heat (2099)"], 3, "neither an item id nor a catalog title"),
+        ([Event(item_id="999")], 3, "unknown item_id '999'"),
+        (["1"], 0, "n=0 is out of range"),
+        (["1"], 10_000, "out of range"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(history: list, n: int, match: str) -> None:
+    rec = _recommender()
+    with pytest.raises(DataError, match=match):
+        rec.recommend(history, n=n)
+
+
+def test_unknown_candidate_is_rejected() -> None:
+    with pytest.raises(DataError, match="not in the catalog"):
+        _recommender().recommend(["1"], n=3, candidates=["nope"])
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    rec = _recommender()
+    before = rec.recommend(["1", "2"], n=5)
+    rec.save(tmp_path / "rec")
+    loaded = Recommender.load(tmp_path / "rec", overrides=["generation.backend=fake"])
+    loaded.generator = FakeGenerator(_script)
+    after = loaded.recommend(["1", "2"], n=5)
+    assert [(r.item_id, round(r.score, 6)) for r in after] == [
+        (r.item_id, round(r.score, 6)) for r in before
+    ]
+    assert loaded.catalog.fingerprint() == rec.catalog.fingerprint()
