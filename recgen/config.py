@@ -117,6 +117,9 @@ class GenerationConfig(_Config):
     max_retries: int = Field(default=3, ge=0)
     concurrency: int = Field(default=8, ge=1)
     """Requests in flight at once (openai backend)."""
+    structured: Literal["none", "answer"] = "none"
+    """``answer`` constrains every reply to the answer format with vLLM structured outputs
+    (openai backend; not with beam search), so that it always parses."""
 
     @model_validator(mode="after")
     def _check_sequences(self) -> GenerationConfig:
