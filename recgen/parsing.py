@@ -21,6 +21,7 @@ __all__ = [
     "MAX_TITLE_CHARS",
     "REASON_DUPLICATE",
     "REASON_EMPTY",
+    "REASON_NO_NAME",
     "REASON_NO_TITLE",
     "REASON_PLACEHOLDER",
     "REASON_PROSE",
@@ -40,6 +41,7 @@ REASON_NO_TITLE = "no title"
 REASON_TOO_LONG = "title too long"
 REASON_PROSE = "prose"
 REASON_PLACEHOLDER = "placeholder"
+REASON_NO_NAME = "no name beyond an article and a year"
 REASON_DUPLICATE = "duplicate"
 
 _MARKER = re.compile(r"^(?:\d{1,3}[.)](?!\d)|\(\d{1,3}\)|[-*\u2022+\u00b7\u2013\u2014]\s)\s*")
@@ -56,6 +58,9 @@ _EXPLANATION_LABEL = re.compile(
 _YEAR = re.compile(r"\(\d{4}\)")
 _PLACEHOLDER = re.compile(r"^<[^<>]*>$")
 _SPACES = re.compile(r"\s+")
+_NON_ALNUM = re.compile(r"[\W_]+")
+_PARENTHETICAL = re.compile(r"^\([^()]*\)$")
+_NAME_FILLERS = frozenset({"the", "a", "an", "le", "la", "les", "il", "el", "der", "die", "das"})
 _PROSE_STARTERS = frozenset(
     "i i'm i've here sure these this based as if you your hope enjoy let note certainly of okay "  # noqa: SIM905
     "ok great absolutely happy".split()
@@ -189,7 +194,15 @@ def _parse_line(line: str, *, listed: bool) -> _Line:
         return _Line(reason=REASON_TOO_LONG)
     if _PLACEHOLDER.match(title):
         return _Line(reason=REASON_PLACEHOLDER)
+    if not _has_name(title):
+        return _Line(reason=REASON_NO_NAME)
     return _Line(title=title, explanation=_clean_explanation(why))
+
+
+def _has_name(title: str) -> bool:
+    """Whether a title names something beyond articles and a year (``"The (1996)"`` does not)."""
+    words = _NON_ALNUM.sub(" ", _YEAR.sub(" ", title)).casefold().split()
+    return any(w not in _NAME_FILLERS for w in words)
 
 
 def _is_prose(body: str, *, marked: bool, listed: bool) -> bool:
@@ -243,10 +256,14 @@ def _clean_title(title: str) -> str:
 
 
 def _clean_explanation(why: str) -> str:
+    """The explanation, or "" when it is only a parenthetical note such as ``(disliked)`` copied
+    from the prompt: the ranker then explains the item from data instead."""
     why = _SPACES.sub(" ", why).strip(_EDGE_PUNCT)
     why = _EXPLANATION_LABEL.sub("", why).strip()
     if len(why) >= 2 and why[0] in '"“' and why[-1] in '"”':
         why = why[1:-1].strip()
+    if _PARENTHETICAL.match(why):
+        return ""
     return why
 
 

@@ -5,6 +5,7 @@ This is the only module that composes the stages; each stage stays ignorant of t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,7 @@ from recgen import (
     ranking,
     splits,
 )
-from recgen.config import RecommenderConfig, cache_dir, dump_config, load_config
+from recgen.config import RankingConfig, RecommenderConfig, cache_dir, dump_config, load_config
 from recgen.errors import ConfigError, DataError, IndexMismatchError
 from recgen.types import (
     Catalog,
@@ -65,6 +66,8 @@ class Trace:
     recommendations: tuple[Recommendation, ...]
     fallback: str | None = None
     """Why the LLM stages were skipped (e.g. an empty history), if they were."""
+    candidates: tuple[str, ...] | None = None
+    """The candidate restriction the list was ranked under, if any."""
 
 
 class Recommender:
@@ -188,16 +191,14 @@ class Recommender:
             collab_scores = self._collab_scores([examples[i].history for i in live])
             for j, i in enumerate(live):
                 ex = examples[i]
-                recs = ranking.fuse(
+                recs = self._fuse(
                     grounded[j],
+                    state=states[j],
                     collab_scores=None if collab_scores is None else collab_scores[j],
-                    popularity=self.popularity,
-                    catalog=self.catalog,
                     exclude=excludes[j],
                     candidates=ex.candidates,
                     n=n,
                     config=self.config.ranking,
-                    explain=lambda item, s=states[j]: _profile_explanation(item, s),
                 )
                 traces[i] = Trace(
                     history=ex.history,
@@ -207,8 +208,64 @@ class Recommender:
                     parsed=parsed[j],
                     grounding=grounded[j],
                     recommendations=tuple(recs),
+                    candidates=ex.candidates,
                 )
         return [traces[i] for i in range(len(examples))]
+
+    def fuse_traces(
+        self, traces: Sequence[Trace], *, n: int | None = None, ranking: RankingConfig | None = None
+    ) -> list[list[Recommendation]]:
+        """Re-run only the ranking stage on traces, e.g. with other fusion weights.
+
+        The LLM's grounded candidates are reused, so tuning weights on validation costs no
+        generation. Traces of the empty-history fallback are returned as they are.
+
+        Args:
+            traces: Traces from :meth:`trace_batch` of this recommender.
+            n: List length (default ``config.n``).
+            ranking: Fusion weights and de-biasing (default ``config.ranking``).
+        """
+        n = self._check_n(n)
+        config = ranking or self.config.ranking
+        live = [t for t in traces if t.grounding is not None and t.state is not None]
+        scores = None
+        if self.scorer is not None and config.collab_weight > 0:
+            scores = self.scorer.score([t.history for t in live])
+        fused: dict[int, list[Recommendation]] = {}
+        for j, t in enumerate(live):
+            fused[id(t)] = self._fuse(
+                t.grounding,  # type: ignore[arg-type]
+                state=t.state,  # type: ignore[arg-type]
+                collab_scores=None if scores is None else scores[j],
+                exclude=set(t.history.item_ids),
+                candidates=t.candidates,
+                n=n,
+                config=config,
+            )
+        return [fused.get(id(t), list(t.recommendations)) for t in traces]
+
+    def _fuse(
+        self,
+        grounded: Grounding,
+        *,
+        state: InterestState,
+        collab_scores: np.ndarray | None,
+        exclude: set[str],
+        candidates: tuple[str, ...] | None,
+        n: int,
+        config: RankingConfig,
+    ) -> list[Recommendation]:
+        return ranking.fuse(
+            grounded,
+            collab_scores=collab_scores,
+            popularity=self.popularity,
+            catalog=self.catalog,
+            exclude=exclude,
+            candidates=candidates,
+            n=n,
+            config=config,
+            explain=lambda item: _profile_explanation(item, state),
+        )
 
     def _state(self, history: History) -> InterestState:
         return interests.build_interest_state(
@@ -343,11 +400,8 @@ class Recommender:
         popularity = _counts(split.train, catalog)
         scorer = None
         if config.collab.method != "none":
-            scorer = collab.fit_scorer(
-                config.collab,
-                train=split.train,
-                catalog=catalog,
-                validate=evaluate.validation_callback(split.valid, catalog),
+            scorer = _cached_scorer(
+                config, split=split, catalog=catalog, show_progress=show_progress
             )
         encoder = grounding.make_encoder(config.grounding)
         index_dir = cache_dir("index", f"{catalog.fingerprint()}-{encoder.name.replace('/', '_')}")
@@ -421,6 +475,36 @@ class Recommender:
             popularity=np.load(path / "popularity.npy"),
             real_time=bool(meta.get("real_time", True)),
         )
+
+
+def _cached_scorer(
+    config: RecommenderConfig, *, split: Split, catalog: Catalog, show_progress: bool
+) -> collab.Scorer:
+    """The configured collaborative scorer, fitted once per catalog, training data, validation
+    targets and collab config, then reloaded from the cache (another split never matches)."""
+    key = hashlib.sha256(
+        json.dumps(
+            [catalog.fingerprint(), config.collab.model_dump(), split.protocol, split.seed,
+             sorted((u, h.item_ids) for u, h in split.train.items()),
+             [(ex.user_id, ex.target) for ex in split.valid]],
+            sort_keys=True, default=str,
+        ).encode()
+    ).hexdigest()[:16]  # fmt: skip
+    path = cache_dir("collab", f"{config.collab.method}-{key}")
+    try:
+        return collab.load_scorer(path, catalog=catalog)
+    except (ConfigError, IndexMismatchError, FileNotFoundError):
+        pass
+    scorer = collab.fit_scorer(
+        config.collab,
+        train=split.train,
+        catalog=catalog,
+        validate=evaluate.validation_callback(split.valid, catalog),
+        show_progress=show_progress,
+    )
+    if hasattr(scorer, "save"):
+        scorer.save(path)  # type: ignore[attr-defined]
+    return scorer
 
 
 def _counts(train: Mapping[str, History], catalog: Catalog) -> np.ndarray:

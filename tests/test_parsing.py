@@ -12,6 +12,7 @@ from recgen.parsing import (
     MAX_TITLE_CHARS,
     REASON_DUPLICATE,
     REASON_EMPTY,
+    REASON_NO_NAME,
     REASON_NO_TITLE,
     REASON_PLACEHOLDER,
     REASON_PROSE,
@@ -200,6 +201,23 @@ def test_rejections_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> Non
     assert any("prose" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
 
 
+@pytest.mark.parametrize("line", ["1. The (1996) (disliked)", "2. A (1997)", "3. The"])
+def test_a_title_that_is_only_an_article_and_a_year_is_rejected(line: str) -> None:
+    parsed = parse_generation(_gen(line))
+    assert parsed.candidates == ()
+    assert [f.reason for f in parsed.failures] == [REASON_NO_NAME]
+
+
+def test_one_letter_titles_are_real_titles() -> None:
+    parsed = parse_generation(_gen("1. M (1931) | Lang's thriller."))
+    assert [c.title for c in parsed.candidates] == ["M (1931)"]
+
+
+def test_a_parenthetical_note_copied_from_the_prompt_is_no_explanation() -> None:
+    parsed = parse_generation(_gen("1. Heat (1995) (disliked)", "1. Heat (1995) | (liked)"))
+    assert [c.explanation for c in parsed.candidates] == [""]
+
+
 # --------------------------------------------------------------------------- properties
 
 _WORD = st.text(
@@ -209,7 +227,12 @@ _WORD = st.text(
     min_size=1,
     max_size=10,
 ).filter(lambda w: w[0].isalnum() and w[-1].isalnum())
-_TITLE = st.lists(_WORD, min_size=1, max_size=8).map(" ".join)
+_ARTICLES_ONLY = {"the", "a", "an", "le", "la", "les", "il", "el", "der", "die", "das"}
+_TITLE = (
+    st.lists(_WORD, min_size=1, max_size=8)
+    .map(" ".join)
+    .filter(lambda t: not set(t.casefold().split()) <= _ARTICLES_ONLY)
+)
 _EXPLANATION = st.lists(_WORD, min_size=1, max_size=20).map(" ".join)
 
 

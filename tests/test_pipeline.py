@@ -178,3 +178,72 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         (r.item_id, round(r.score, 6)) for r in before
     ]
     assert loaded.catalog.fingerprint() == rec.catalog.fingerprint()
+
+
+def test_fuse_traces_with_the_same_config_reproduces_the_lists() -> None:
+    rec = _recommender()
+    traces = rec.trace_batch([["1", "2"], ["5"], []], n=5)
+    again = rec.fuse_traces(traces, n=5)
+    assert [[r.item_id for r in recs] for recs in again] == [
+        [r.item_id for r in t.recommendations] for t in traces
+    ]
+
+
+def test_fuse_traces_with_llm_only_weights_puts_llm_picks_first() -> None:
+    rec = _recommender()
+    traces = rec.trace_batch([["1", "2"]], n=5)
+    llm_only = rec.config.ranking.model_copy(update={"collab_weight": 0.0})
+    recs = rec.fuse_traces(traces, n=5, ranking=llm_only)[0]
+    assert recs[0].item_id == "3"
+    assert recs[0].source == "llm"
+
+
+# --------------------------------------------------------------------------- the real thing
+
+
+@pytest.fixture(scope="module")
+def real_recommender(shared_data: Path) -> tuple[Recommender, list]:
+    """The default pipeline (embedded LLM, MiniLM, greedy) on MovieLens-100K, popularity prior
+    (SASRec's training is tested in test_collab; here the LLM stages are under test)."""
+    from recgen import data, splits
+
+    config = load_config(
+        overrides=[
+            f"data.source={shared_data / 'ml-100k'}",
+            "collab.method=popular",
+            "generation.dtype=float32",
+        ]
+    )
+    dataset = data.load_data(config.data)
+    split = splits.split_dataset(dataset, config.data)
+    rec = Recommender.fit(config, dataset=dataset, split=split, show_progress=False)
+    return rec, list(split.test[:3])
+
+
+@pytest.mark.model
+def test_real_pipeline_grounds_llm_titles_to_unseen_catalog_items(real_recommender) -> None:
+    rec, examples = real_recommender
+    traces = rec.trace_batch([ex.history for ex in examples], n=10)
+    for ex, trace in zip(examples, traces, strict=True):
+        ids = [r.item_id for r in trace.recommendations]
+        assert len(ids) == 10
+        assert len(set(ids)) == 10
+        assert not set(ids) & set(ex.history.item_ids)
+        assert all(i in rec.catalog for i in ids)
+        assert all(r.explanation.strip() for r in trace.recommendations)
+        assert trace.prompt is not None
+        assert trace.prompt.template_hash
+        assert trace.generation is not None
+        assert trace.generation.texts
+    llm = [r for t in traces for r in t.recommendations if r.source in ("llm", "hybrid")]
+    assert llm, "the embedded LLM's titles never grounded to a catalog item"
+    assert all(r.match in ("exact", "semantic") and r.similarity is not None for r in llm)
+
+
+@pytest.mark.model
+def test_real_pipeline_greedy_is_reproducible_and_batch_equals_single(real_recommender) -> None:
+    rec, examples = real_recommender
+    histories = [ex.history for ex in examples[:2]]
+    batch = [[r.item_id for r in recs] for recs in rec.recommend_batch(histories, n=10)]
+    single = [[r.item_id for r in rec.recommend(h, n=10)] for h in histories]
+    assert batch == single
