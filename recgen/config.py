@@ -87,6 +87,8 @@ class PromptConfig(_Config):
     """Item titles and attribute values are cleaned and capped at this many characters."""
     n_titles: int = Field(default=5, ge=1, le=50)
     """How many titles the instruction asks for."""
+    rerank_template: str = "rerank"
+    """Template that lists retrieved candidates, used in ``ranking.mode = "rerank"``."""
 
 
 class GenerationConfig(_Config):
@@ -178,7 +180,15 @@ class CollabConfig(_Config):
 
 
 class RankingConfig(_Config):
-    """How grounded LLM candidates and collaborative scores fuse into the final list."""
+    """How the LLM's signal and collaborative scores fuse into the final list."""
+
+    mode: Literal["generate", "rerank"] = "generate"
+    """``generate``: the LLM writes titles, grounded to the catalog and fused with the
+    collaborative scores. ``rerank`` (LlamaRec-style): the collaborative scorer retrieves the
+    top ``retrieve`` unseen items, the LLM scores all of them in one forward pass (a verbalizer
+    over their numbers in the ``prompt.rerank_template`` list), and the scores are fused."""
+    retrieve: int = Field(default=20, ge=2, le=99)
+    """Candidates retrieved for the LLM in ``rerank`` mode."""
 
     llm_weight: float = Field(default=1.0, ge=0)
     """Weight of the LLM signal (grounding similarity discounted by output rank)."""
@@ -201,6 +211,15 @@ class RecommenderConfig(_Config):
     grounding: GroundingConfig = GroundingConfig()
     collab: CollabConfig = CollabConfig()
     ranking: RankingConfig = RankingConfig()
+
+    @model_validator(mode="after")
+    def _check_rerank(self) -> RecommenderConfig:
+        if self.ranking.mode == "rerank" and self.collab.method == "none":
+            raise ValueError(
+                "ranking.mode='rerank' needs a collaborative scorer to retrieve candidates: "
+                "set collab.method to 'sasrec' or 'popular'"
+            )
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -21,9 +21,11 @@ from recgen._openai import OpenAIGenerator, distinct_texts
 from recgen.config import GenerationConfig, cache_dir
 from recgen.errors import ConfigError
 from recgen.types import Generation, Prompt
+from recgen.verbalizer import candidate_scores
 
 __all__ = [
     "EMBEDDED_GGUF",
+    "CandidateScorer",
     "FakeGenerator",
     "Generator",
     "OpenAIGenerator",
@@ -56,6 +58,15 @@ class Generator(Protocol):
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` takes (the prompt renderer budgets with it)."""
+        ...
+
+
+@runtime_checkable
+class CandidateScorer(Protocol):
+    """A generator that can score listed candidates in one pass (``ranking.mode = "rerank"``)."""
+
+    def score_candidates(self, prompts: Sequence[Prompt]) -> list[list[float]]:
+        """Per prompt, one log-score per ``prompt.candidates`` entry, in the listed order."""
         ...
 
 
@@ -102,9 +113,16 @@ class FakeGenerator:
         calls: Every prompt passed to ``generate``, in order.
     """
 
-    def __init__(self, scripts: Script = _DEFAULT_SCRIPT, *, name: str = "fake") -> None:
+    def __init__(
+        self,
+        scripts: Script = _DEFAULT_SCRIPT,
+        *,
+        name: str = "fake",
+        candidate_scores: Callable[[Prompt], Sequence[float]] | None = None,
+    ) -> None:
         self.name = name
         self._scripts = scripts
+        self._candidate_scores = candidate_scores
         self.calls: list[Prompt] = []
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
@@ -120,6 +138,17 @@ class FakeGenerator:
     def count_tokens(self, text: str) -> int:
         """The number of whitespace-separated words."""
         return len(text.split())
+
+    def score_candidates(self, prompts: Sequence[Prompt]) -> list[list[float]]:
+        """Scripted log-scores per listed candidate (zeros, no preference, without a script)."""
+        out: list[list[float]] = []
+        for prompt in prompts:
+            self.calls.append(prompt)
+            if self._candidate_scores is None:
+                out.append([0.0] * len(prompt.candidates))
+            else:
+                out.append([float(x) for x in self._candidate_scores(prompt)])
+        return out
 
 
 # --------------------------------------------------------------------------- embedded model
@@ -265,6 +294,18 @@ class TransformersGenerator:
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` under this model's tokenizer (no special tokens)."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def score_candidates(self, prompts: Sequence[Prompt]) -> list[list[float]]:
+        """Log-score of every listed candidate from one forward pass per batch (rerank mode).
+
+        See :func:`recgen.verbalizer.candidate_scores`; batches of ``config.batch_size``.
+        """
+        start = time.perf_counter()
+        scores = candidate_scores(
+            self.model, self.tokenizer, prompts, batch_size=self.config.batch_size
+        )
+        _log.info("scored %d prompts in %.2f s", len(prompts), time.perf_counter() - start)
+        return scores
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
         """Generate for ``prompts`` in batches of ``config.batch_size``.

@@ -5,6 +5,7 @@ This is the only module that composes the stages; each stage stays ignorant of t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -68,6 +69,10 @@ class Trace:
     """Why the LLM stages were skipped (e.g. an empty history), if they were."""
     candidates: tuple[str, ...] | None = None
     """The candidate restriction the list was ranked under, if any."""
+    retrieved: tuple[str, ...] = ()
+    """Rerank mode: the items the collaborative scorer retrieved, in the order shown."""
+    candidate_logits: tuple[float, ...] = ()
+    """Rerank mode: the LLM's log-score of each retrieved item."""
 
 
 class Recommender:
@@ -116,6 +121,12 @@ class Recommender:
         self.renderer = prompting.PromptRenderer(
             config.prompt, count_tokens=self.generator.count_tokens
         )
+        if config.ranking.mode == "rerank":
+            self._check_rerank()
+            self.renderer = prompting.PromptRenderer(
+                config.prompt.model_copy(update={"template": config.prompt.rerank_template}),
+                count_tokens=self.generator.count_tokens,
+            )
         self._by_title = {item.title.casefold(): item.item_id for item in catalog}
 
     # ------------------------------------------------------------------ public API
@@ -179,7 +190,10 @@ class Recommender:
         for i, ex in enumerate(examples):
             if len(ex.history) == 0:
                 traces[i] = self._popular_fallback(ex, n=n)
-        if live:
+        if live and self.config.ranking.mode == "rerank":
+            for i, trace in zip(live, self._rerank([examples[i] for i in live], n=n), strict=True):
+                traces[i] = trace
+        elif live:
             states = [self._state(examples[i].history) for i in live]
             prompts = [self.renderer.render(s) for s in states]
             gens = self.generator.generate(prompts)
@@ -227,12 +241,16 @@ class Recommender:
         """
         n = self._check_n(n)
         config = ranking or self.config.ranking
-        live = [t for t in traces if t.grounding is not None and t.state is not None]
+        live = [t for t in traces if t.state is not None]
         scores = None
-        if self.scorer is not None and config.collab_weight > 0:
+        if self.scorer is not None and (config.collab_weight > 0 or config.mode == "rerank"):
             scores = self.scorer.score([t.history for t in live])
         fused: dict[int, list[Recommendation]] = {}
         for j, t in enumerate(live):
+            if t.retrieved:
+                assert scores is not None
+                fused[id(t)] = self._fuse_retrieved(t, scores[j], n=n, config=config)
+                continue
             fused[id(t)] = self._fuse(
                 t.grounding,  # type: ignore[arg-type]
                 state=t.state,  # type: ignore[arg-type]
@@ -266,6 +284,77 @@ class Recommender:
             config=config,
             explain=lambda item: _profile_explanation(item, state),
         )
+
+    def _rerank(self, examples: Sequence[Example], *, n: int) -> list[Trace]:
+        """Retrieve with the collaborative scorer, score the candidates with the LLM, fuse."""
+        assert self.scorer is not None  # checked in __init__
+        collab_scores = self.scorer.score([ex.history for ex in examples])
+        retrieved = [
+            tuple(
+                item_id
+                for item_id, _ in ranking.top_n(
+                    collab_scores[j],
+                    catalog=self.catalog,
+                    exclude=set(ex.history.item_ids),
+                    candidates=ex.candidates,
+                    n=self.config.ranking.retrieve,
+                )
+            )
+            for j, ex in enumerate(examples)
+        ]
+        states = [self._state(ex.history) for ex in examples]
+        prompts = [
+            self.renderer.render(state, candidates=[self.catalog[c] for c in cands])
+            for state, cands in zip(states, retrieved, strict=True)
+        ]
+        logits = self.generator.score_candidates(prompts)  # type: ignore[attr-defined]
+        out = []
+        for j, ex in enumerate(examples):
+            trace = Trace(
+                history=ex.history,
+                state=states[j],
+                prompt=prompts[j],
+                generation=None,
+                parsed=None,
+                grounding=None,
+                recommendations=(),
+                candidates=ex.candidates,
+                retrieved=retrieved[j],
+                candidate_logits=tuple(logits[j]),
+            )
+            recs = self._fuse_retrieved(trace, collab_scores[j], n=n, config=self.config.ranking)
+            out.append(dataclasses.replace(trace, recommendations=tuple(recs)))
+        return out
+
+    def _fuse_retrieved(
+        self, trace: Trace, collab_scores: np.ndarray, *, n: int, config: RankingConfig
+    ) -> list[Recommendation]:
+        state = trace.state
+        assert state is not None
+        return ranking.fuse_candidates(
+            trace.retrieved,
+            trace.candidate_logits,
+            collab_scores=collab_scores,
+            popularity=self.popularity,
+            catalog=self.catalog,
+            exclude=set(trace.history.item_ids),
+            candidates=trace.candidates,
+            n=n,
+            config=config,
+            explain=lambda item: _profile_explanation(item, state),
+        )
+
+    def _check_rerank(self) -> None:
+        if self.scorer is None:
+            raise ConfigError(
+                "ranking.mode='rerank' needs a collaborative scorer to retrieve candidates: "
+                "pass scorer=... or set collab.method to 'sasrec' or 'popular'"
+            )
+        if not isinstance(self.generator, generation.CandidateScorer):
+            raise ConfigError(
+                f"generation backend {self.config.generation.backend!r} cannot score candidates "
+                "in one pass; use the transformers backend for ranking.mode='rerank'"
+            )
 
     def _state(self, history: History) -> InterestState:
         return interests.build_interest_state(

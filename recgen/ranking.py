@@ -14,7 +14,7 @@ from recgen.config import RankingConfig
 from recgen.errors import DataError
 from recgen.types import Catalog, Grounded, Grounding, Item, Recommendation
 
-__all__ = ["fuse", "llm_scores", "minmax", "top_n", "top_n_batch"]
+__all__ = ["fuse", "fuse_candidates", "llm_scores", "minmax", "softmax", "top_n", "top_n_batch"]
 
 _log = logging.getLogger(__name__)
 
@@ -277,3 +277,73 @@ def fuse(
                 )
             )
     return out
+
+
+def softmax(logits: Sequence[float]) -> FloatArray:
+    """Probabilities from log-scores (max-shifted, so large logits do not overflow)."""
+    arr = np.asarray(logits, dtype=np.float64)
+    if arr.size == 0:
+        return arr
+    e = np.exp(arr - arr.max())
+    return e / e.sum()
+
+
+def fuse_candidates(
+    candidate_ids: Sequence[str],
+    llm_logits: Sequence[float],
+    *,
+    collab_scores: NDArray[np.floating],
+    popularity: NDArray[np.floating],
+    catalog: Catalog,
+    exclude: Collection[str],
+    candidates: Sequence[str] | None = None,
+    n: int,
+    config: RankingConfig,
+    explain: Callable[[Item], str],
+) -> list[Recommendation]:
+    """Fuse the LLM's scores of retrieved candidates with the collaborative scores (rerank mode).
+
+    ``score = llm_weight * p / max(p) + collab_weight * minmax(collab)``, where ``p`` is the
+    softmax of the LLM's candidate log-scores (zero outside the candidates). Items beyond the
+    candidates keep their collaborative score, so the list fills to ``n``.
+
+    Args:
+        candidate_ids: The retrieved items, in the order the prompt listed them.
+        llm_logits: One log-score per candidate (same order); empty when the LLM was skipped.
+        collab_scores: One collaborative score per catalog position.
+        popularity: Training interaction counts per catalog position (tie-breaks only).
+        catalog: The items.
+        exclude: Item ids never to return (the user's history).
+        candidates: If given, only these item ids are ranked.
+        n: List length.
+        config: Fusion weights.
+        explain: The explanation of each recommended item.
+
+    Raises:
+        DataError: if there are log-scores but not one per candidate.
+    """
+    if llm_logits and len(llm_logits) != len(candidate_ids):
+        raise DataError(
+            f"got {len(llm_logits)} LLM scores for {len(candidate_ids)} candidates: "
+            "pass one score per candidate"
+        )
+    llm = np.zeros(len(catalog), dtype=np.float64)
+    if len(llm_logits):
+        p = softmax(llm_logits)
+        llm[[catalog.position(i) for i in candidate_ids]] = p / p.max()
+    fused = config.llm_weight * llm + config.collab_weight * minmax(collab_scores)
+    fused += _TIE_BREAK * minmax(popularity)
+    offered = set(candidate_ids)
+    return [
+        Recommendation(
+            item_id=item_id,
+            title=catalog[item_id].title,
+            score=score,
+            rank=rank,
+            source="hybrid" if item_id in offered and len(llm_logits) else "collab",
+            explanation=explain(catalog[item_id]),
+        )
+        for rank, (item_id, score) in enumerate(
+            top_n(fused, catalog=catalog, exclude=exclude, candidates=candidates, n=n), start=1
+        )
+    ]

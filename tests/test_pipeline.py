@@ -10,7 +10,7 @@ import pytest
 
 from recgen.collab import PopularityScorer
 from recgen.config import RecommenderConfig, load_config
-from recgen.errors import DataError
+from recgen.errors import ConfigError, DataError
 from recgen.generation import FakeGenerator
 from recgen.grounding import CatalogIndex, HashEncoder
 from recgen.pipeline import Recommender
@@ -196,6 +196,76 @@ def test_fuse_traces_with_llm_only_weights_puts_llm_picks_first() -> None:
     recs = rec.fuse_traces(traces, n=5, ranking=llm_only)[0]
     assert recs[0].item_id == "3"
     assert recs[0].source == "llm"
+
+
+def _reranker(llm_weight: float, prefer_last: bool = True) -> Recommender:
+    config = load_config(
+        overrides=[
+            "grounding.encoder=hash",
+            "generation.backend=fake",
+            "ranking.mode=rerank",
+            "ranking.retrieve=4",
+            f"ranking.llm_weight={llm_weight}",
+        ]
+    )
+    rec = _recommender(config)
+    rec.generator = FakeGenerator(
+        candidate_scores=lambda p: [
+            float(k if prefer_last else -k) for k in range(len(p.candidates))
+        ]
+    )
+    return rec
+
+
+def test_rerank_mode_scores_the_retrieved_items_and_fuses_them() -> None:
+    collab_only = _reranker(0.0).recommend(["1", "2"], n=6)
+    trace = _reranker(10.0).trace_batch([["1", "2"]], n=6)[0]
+    assert len(trace.retrieved) == 4
+    assert list(trace.retrieved) == [r.item_id for r in collab_only[:4]]
+    assert trace.prompt is not None
+    assert trace.prompt.candidates == trace.retrieved
+    assert trace.prompt.template == "rerank"
+    recs = trace.recommendations
+    assert recs[0].item_id == trace.retrieved[-1], "the LLM's favourite must win at a high weight"
+    assert {r.item_id for r in recs[:4]} == set(trace.retrieved)
+    assert not {"1", "2"} & {r.item_id for r in recs}
+    assert all(r.explanation for r in recs)
+    assert recs[0].source == "hybrid"
+    assert recs[5].source == "collab"
+
+
+def test_rerank_traces_refuse_with_other_weights() -> None:
+    rec = _reranker(10.0)
+    traces = rec.trace_batch([["1", "2"], ["5", "6"]], n=5)
+    same = rec.fuse_traces(traces, n=5)
+    assert [[r.item_id for r in x] for x in same] == [
+        [r.item_id for r in t.recommendations] for t in traces
+    ]
+    collab_only = rec.config.ranking.model_copy(update={"llm_weight": 0.0})
+    refused = rec.fuse_traces(traces, n=5, ranking=collab_only)
+    assert [r.item_id for r in refused[0]] == [
+        r.item_id for r in _reranker(0.0).recommend(["1", "2"], n=5)
+    ]
+
+
+def test_rerank_mode_needs_a_backend_that_scores_candidates() -> None:
+    class TextOnly:
+        name = "text-only"
+
+        def generate(self, prompts):  # pragma: no cover - never called
+            raise AssertionError
+
+        def count_tokens(self, text: str) -> int:
+            return len(text.split())
+
+    config = load_config(
+        overrides=["grounding.encoder=hash", "generation.backend=fake", "ranking.mode=rerank"]
+    )
+    catalog = _catalog()
+    index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
+    scorer = PopularityScorer().fit({"a": History.create(["1", "2"])}, catalog)
+    with pytest.raises(ConfigError, match="cannot score candidates"):
+        Recommender(config, catalog=catalog, generator=TextOnly(), index=index, scorer=scorer)
 
 
 # --------------------------------------------------------------------------- the real thing

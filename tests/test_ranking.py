@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from recgen.config import RankingConfig
 from recgen.errors import DataError
-from recgen.ranking import top_n, top_n_batch
+from recgen.ranking import fuse_candidates, softmax, top_n, top_n_batch
 from recgen.types import Catalog, Item
 
 
@@ -108,3 +110,56 @@ def test_properties_match_a_full_stable_sort(
     assert [i for i, _ in top] == [ids[p] for p in expected]
     assert len(top) == min(n, len(eligible))
     assert all(score == scores[cat.position(i)] for i, score in top)
+
+
+def _explain(item: Item) -> str:
+    return f"because {item.title}"
+
+
+@given(
+    st.lists(st.floats(-50, 50), min_size=12, max_size=12),
+    st.lists(st.floats(-30, 30), min_size=5, max_size=5),
+    st.floats(0, 5),
+    st.integers(1, 12),
+)
+def test_fuse_candidates_returns_ranked_unseen_items(
+    collab: list[float], logits: list[float], weight: float, n: int
+) -> None:
+    catalog = _catalog(12)
+    retrieved = ["i3", "i4", "i5", "i6", "i7"]
+    recs = fuse_candidates(
+        retrieved, logits, collab_scores=np.asarray(collab), popularity=np.zeros(12),
+        catalog=catalog, exclude={"i0", "i1"}, n=n,
+        config=RankingConfig(mode="rerank", llm_weight=weight), explain=_explain,
+    )  # fmt: skip
+    ids = [r.item_id for r in recs]
+    assert len(ids) == min(n, 10)
+    assert len(set(ids)) == len(ids)
+    assert not {"i0", "i1"} & set(ids)
+    assert [r.rank for r in recs] == list(range(1, len(recs) + 1))
+    assert all(a.score >= b.score for a, b in itertools.pairwise(recs))
+    assert all(r.explanation.startswith("because ") for r in recs)
+
+
+def test_fuse_candidates_with_zero_llm_weight_is_the_collaborative_order() -> None:
+    catalog = _catalog(6)
+    collab = np.array([0.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    recs = fuse_candidates(
+        ["i4", "i5"], [9.0, 0.0], collab_scores=collab, popularity=np.zeros(6), catalog=catalog,
+        exclude=(), n=6, config=RankingConfig(llm_weight=0.0), explain=_explain,
+    )  # fmt: skip
+    assert [r.item_id for r in recs] == ["i1", "i2", "i3", "i4", "i5", "i0"]
+
+
+def test_fuse_candidates_rejects_a_score_count_mismatch() -> None:
+    with pytest.raises(DataError, match="2 LLM scores for 3 candidates"):
+        fuse_candidates(
+            ["i0", "i1", "i2"], [0.0, 1.0], collab_scores=np.zeros(3), popularity=np.zeros(3),
+            catalog=_catalog(3), exclude=(), n=2, config=RankingConfig(), explain=_explain,
+        )  # fmt: skip
+
+
+def test_softmax_is_a_distribution_and_survives_large_logits() -> None:
+    p = softmax([1000.0, 1000.0, -1000.0])
+    assert p.sum() == pytest.approx(1.0)
+    assert p[0] == pytest.approx(0.5)
