@@ -125,13 +125,15 @@ def lora_rank(adapter: str | Path) -> int:
 
 
 def vllm_python(venv: str | Path) -> Path:
-    """The interpreter of a vLLM environment created by ``make vllm`` or ``ensure_vllm_env``.
+    """The interpreter of a vLLM environment (``make vllm``, ``ensure_vllm_env`` or by hand).
 
     Raises:
         ConfigError: if that environment does not exist (or its install did not finish).
     """
-    python = Path(venv) / "bin" / "python"
-    if not (Path(venv) / _MARKER).is_file() or not python.exists():
+    root = Path(venv)
+    python = root / "bin" / "python"
+    installed = (root / _MARKER).is_file() or any(root.glob("lib/python3*/site-packages/vllm"))
+    if not installed or not python.exists():
         raise ConfigError(
             f"no vLLM environment at {venv}: run `make vllm` (about 4 minutes, 3.5 GB), or "
             f"`recgen serve --install`, or create it by hand: python3.11 -m venv {venv} && "
