@@ -69,7 +69,8 @@ def _score_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt]) -> list[
         row: list[float] = []
         for k in range(1, len(prompt.candidates) + 1):
             if k < 10:
-                tail = second[b, leads.index(k), dot] if k in leads else 0.0
+                shared = k <= len(prompt.candidates) // 10  # "1" vs "1x" in this prompt's list
+                tail = second[b, leads.index(k), dot] if shared else 0.0
                 row.append(float(first[b, digit[k]] + tail))
             else:
                 row.append(float(first[b, digit[k // 10]] + second[b, k // 10 - 1, digit[k % 10]]))
@@ -102,14 +103,15 @@ def _score_cached(
     if not leads:
         return first, None
     n, size = len(rows), len(leads)
-    cache = out.past_key_values
+    key = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.2x
+    cache = getattr(out, key)
     cache.batch_repeat_interleave(size)
     step = torch.tensor([[digit[d]] for _ in range(n) for d in leads])
     mask2 = torch.cat(
         [mask.repeat_interleave(size, 0), torch.ones(n * size, 1, dtype=torch.long)], 1
     )
     pos2 = mask.sum(-1, keepdim=True).repeat_interleave(size, 0)
-    nxt = model(input_ids=step, attention_mask=mask2, position_ids=pos2, past_key_values=cache)
+    nxt = model(input_ids=step, attention_mask=mask2, position_ids=pos2, **{key: cache})
     second = torch.log_softmax(nxt.logits[:, -1].float(), -1).view(n, size, -1)
     return first, second
 
