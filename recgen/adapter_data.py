@@ -1,0 +1,569 @@
+"""Fine-tuning config and training data: windows of the training split -> tokenized chat examples.
+
+Every example is rendered by :class:`~recgen.prompting.PromptRenderer` (the inference renderer)
+and tokenized with the tokenizer's own chat template; labels are -100 on the prompt, so the loss
+falls on the answer only. Targets come from the training split alone (validation examples use
+the validation targets and are only scored). Tasks, mixed by :class:`TaskWeights`:
+
+* ``next``: recommend template; the answer is the window's next ``prompt.n_titles`` items.
+* ``explain``: rerank template with the next item as the only candidate; the answer explains it.
+* ``summary``: summary template; the answer is a paragraph derived from the interest state.
+* ``rerank``: rerank template over the next item plus negatives (SASRec's top unseen items or
+  popularity samples), shuffled; the answer is ``<its number>. <title> | <why>``.
+
+Explanations are derived from data (the item's labels shared with the user's profile, a liked
+item that shares them), so they are checkable. Datasets are cached on disk under a key of the
+config, template hashes, tokenizer and training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from recgen import collab, evaluate
+from recgen.config import CollabConfig, DataConfig, InterestConfig, PromptConfig, cache_dir
+from recgen.errors import DataError
+from recgen.interests import build_interest_state, item_labels
+from recgen.prompting import PromptRenderer, format_answer
+from recgen.types import Catalog, History, InterestState, Item, Message, Prompt, Split
+
+__all__ = [
+    "TEMPLATES",
+    "FinetuneConfig",
+    "LoraSettings",
+    "PrefixSettings",
+    "TaskWeights",
+    "build_datasets",
+    "encode_example",
+    "explain_item",
+    "row_prompt",
+    "summarize_state",
+]
+
+_log = logging.getLogger(__name__)
+
+TEMPLATES = ("recommend", "rerank", "summary")
+"""The templates the training tasks render (their hashes are saved with the adapter)."""
+_TASKS = ("next", "explain", "summary", "rerank")
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class LoraSettings(_Config):
+    """LoRA: low-rank updates of the chosen linear layers (the method vLLM serves)."""
+
+    r: int = Field(default=16, ge=1)
+    """Rank of the update matrices."""
+    alpha: int = Field(default=32, ge=1)
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names to adapt (``all-linear`` for every linear layer but the output head)."""
+
+
+class PrefixSettings(_Config):
+    """Prefix-tuning: trained key/value prefixes (served by the transformers backend only)."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1)
+
+
+class TaskWeights(_Config):
+    """Relative weights of the training tasks (normalised; 0 turns a task off)."""
+
+    next: float = Field(default=0.1, ge=0)
+    """Recommend template: the next ``prompt.n_titles`` items of a sliding window, explained."""
+    explain: float = Field(default=0.1, ge=0)
+    """Rerank template with the held-out next item as the only candidate: explain it."""
+    summary: float = Field(default=0.05, ge=0)
+    """Summary template: a paragraph derived from the interest state."""
+    rerank: float = Field(default=0.75, ge=0)
+    """Rerank template: choose the true next item among ``n_candidates`` candidates."""
+
+    @model_validator(mode="after")
+    def _check_total(self) -> TaskWeights:
+        if self.next + self.explain + self.summary + self.rerank <= 0:
+            raise ValueError("task weights are all 0: give at least one task a positive weight")
+        return self
+
+
+class FinetuneConfig(_Config):
+    """Everything about one fine-tuning run; saved with the adapter it produces."""
+
+    method: Literal["lora", "prefix"] = "lora"
+    """LoRA (mergeable, served by vLLM) or prefix-tuning (transformers backend only)."""
+    lora: LoraSettings = LoraSettings()
+    prefix: PrefixSettings = PrefixSettings()
+    base_model: str = "embedded"
+    """``embedded`` (SmolLM2-135M-Instruct) or a local model folder."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Base weights dtype (adapter weights and optimizer state stay float32)."""
+    data: DataConfig = DataConfig()
+    interests: InterestConfig = InterestConfig()
+    prompt: PromptConfig = PromptConfig()
+    """Token budget, title cap and titles asked for (as at inference); template is unused."""
+    tasks: TaskWeights = TaskWeights()
+    samples: int = Field(default=2000, ge=1)
+    """Training examples drawn over all tasks."""
+    valid_samples: int = Field(default=64, ge=1)
+    """Validation rerank examples (from the validation split's targets)."""
+    min_history: int = Field(default=5, ge=1)
+    """Shortest history a training window shows."""
+    n_candidates: int = Field(default=20, ge=2, le=99)
+    """Candidates per rerank example (the true next item plus negatives)."""
+    negatives: Literal["sasrec", "popular"] = "sasrec"
+    """Negatives: SASRec's top unseen items (fitted on the training split) or popularity samples."""
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps to run (default: ``epochs`` passes over the data)."""
+    max_minutes: float | None = Field(default=None, gt=0)
+    """Stop (saving the best adapter) after this much training time."""
+    batch_size: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=2, ge=1)
+    """Micro-batches per optimizer step."""
+    max_len: int = Field(default=640, ge=16)
+    """Longest tokenized example (prompt + answer); longer ones are dropped and counted."""
+    seed: int = 0
+    eval_every: int = Field(default=50, ge=1)
+    """Validate every this many optimizer steps (and at the end)."""
+    patience: int = Field(default=5, ge=1)
+    """Stop after this many validations without improvement."""
+    select_by: Literal["loss", "ndcg"] = "ndcg"
+    """Validation criterion for the best adapter: loss, or the verbalizer's rerank NDCG."""
+    checkpoint_every: int = Field(default=25, ge=1)
+    """Write a resumable checkpoint every this many optimizer steps."""
+    threads: int = Field(default=2, ge=1)
+    init_adapter: str | None = None
+    """Continual update: start from this adapter folder instead of fresh weights."""
+    new_since: float | None = None
+    """Continual update: targets after this unix time are new; others are replayed."""
+    replay: float = Field(default=0.3, ge=0, le=1)
+    """Continual update: share of training examples replayed from before ``new_since``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        if self.prompt.max_prompt_tokens + 16 > self.max_len:
+            raise ValueError(
+                f"max_len={self.max_len} leaves no room for an answer after "
+                f"prompt.max_prompt_tokens={self.prompt.max_prompt_tokens}: raise max_len or "
+                "lower prompt.max_prompt_tokens"
+            )
+        if self.new_since is None and self.init_adapter is None and self.replay != 0.3:
+            raise ValueError("replay only applies to a continual update: set new_since too")
+        if self.method == "prefix" and self.init_adapter is None and self.lora != LoraSettings():
+            raise ValueError("lora settings were given but method='prefix': drop them")
+        return self
+
+
+# --------------------------------------------------------------------------- target texts
+
+
+def _join(labels: Sequence[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def explain_item(item: Item, state: InterestState) -> str:
+    """A one-sentence explanation of ``item`` for a user, derived from data (so checkable).
+
+    It names the item's labels that the user's profile shares (rising ones first) and a liked
+    item with a label in common; an item sharing nothing is called a change of pace.
+    """
+    labels = item_labels(item)
+    profile = {label for label, _ in state.long_term} | {l for l, _ in state.recent_profile}
+    rising = [label for label in labels if label in state.rising]
+    shared = [label for label in labels if label in profile]
+    if rising:
+        text = f"It fits your recent turn towards {_join(rising[:3])}"
+    elif shared:
+        text = f"It matches your taste for {_join(shared[:3])}"
+    elif labels:
+        text = f"A change of pace: {_join(labels[:3])}"
+    else:
+        text = "It is a popular pick among similar users"
+    wanted = set(rising or shared)
+    for liked in state.liked:
+        if liked.item_id != item.item_id and wanted & set(item_labels(liked)):
+            text += f", like {liked.title}, which you liked"
+            break
+    return text + "."
+
+
+def summarize_state(state: InterestState) -> str:
+    """A two-to-four sentence paragraph derived from the interest state (the summary target)."""
+    top = [label for label, _ in state.long_term[:3]]
+    sentences = [
+        f"This user mostly enjoys {_join(top)}." if top else "This user has few clear tastes yet."
+    ]
+    if state.rising or state.fading:
+        moves = []
+        if state.rising:
+            moves.append(f"towards {_join(list(state.rising[:2]))}")
+        if state.fading:
+            moves.append(f"away from {_join(list(state.fading[:2]))}")
+        sentences.append(f"Lately they have moved {' and '.join(moves)}.")
+    elif state.recent_profile:
+        recent = [label for label, _ in state.recent_profile[:2]]
+        sentences.append(f"Recently they have chosen mostly {_join(recent)}.")
+    if state.liked:
+        sentences.append(f"They recently liked {state.liked[0].title}.")
+    active = [fact for fact in state.time_context if fact.startswith(("mostly", "active"))]
+    if active:
+        sentences.append(f"They are {_join(active)}.")
+    return " ".join(sentences[:4])
+
+
+def _indexed_answer(index: int, item: Item, explanation: str, max_title_chars: int) -> str:
+    """``<index>. <title> | <why>``: the candidate's number in the list starts the answer."""
+    line = format_answer([(item.title, explanation)], max_title_chars=max_title_chars)
+    return f"{index}." + line.split(".", 1)[1]
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def encode_example(
+    tokenizer: Any, messages: Sequence[Message], answer: str, *, max_len: int
+) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (-100 on the prompt) through the tokenizer's chat template.
+
+    Tokens after the final end-of-turn token (a trailing newline) are not labelled either.
+
+    Returns:
+        ``(input_ids, labels)``, or None if the example is longer than ``max_len``.
+
+    Raises:
+        DataError: if the chat template tokenizes the prompt differently inside the full chat.
+    """
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*chat, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if ids[: len(p_ids)] != p_ids or not full.startswith(prompt):
+        raise DataError(
+            "the chat template does not render the prompt as a prefix of prompt + answer; "
+            "answer-only labels need a template that appends the assistant turn"
+        )
+    if len(ids) > max_len:
+        return None
+    labels = [-100] * len(p_ids) + ids[len(p_ids) :]
+    end = tokenizer.eos_token_id
+    if end in ids[len(p_ids) :]:
+        last = len(ids) - 1 - ids[::-1].index(end)
+        labels[last + 1 :] = [-100] * (len(ids) - last - 1)
+    return ids, labels
+
+
+def row_prompt(row: Mapping[str, Any], template_hash: str = "") -> Prompt:
+    """The :class:`~recgen.types.Prompt` a dataset row was rendered from (for scoring)."""
+    return Prompt(
+        messages=tuple(Message(role=m["role"], content=m["content"]) for m in row["messages"]),
+        template=row["template"],
+        template_hash=template_hash,
+        user_id=row["user_id"],
+        candidates=tuple(row["candidates"]),
+        answer=row["answer"],
+    )
+
+
+# --------------------------------------------------------------------------- negatives
+
+Negatives = Callable[[Sequence[History], Sequence[set[str]], int], list[list[str]]]
+
+
+def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> Negatives:
+    """A function (histories, excluded ids, k) -> k negatives each, from training data only."""
+    counts = np.zeros(len(catalog), dtype=np.float64)
+    for history in split.train.values():
+        for item_id in history.item_ids:
+            counts[catalog.position(item_id)] += 1
+    ids = catalog.item_ids
+    if config.negatives == "popular":
+        rng = np.random.default_rng(config.seed)
+        probs = (counts + 1) / (counts + 1).sum()
+
+        def popular(
+            histories: Sequence[History], excluded: Sequence[set[str]], k: int
+        ) -> list[list[str]]:
+            out = []
+            for history, seen in zip(histories, excluded, strict=True):
+                seen = seen | set(history.item_ids)
+                draw = rng.choice(len(ids), size=min(len(ids), 4 * k + len(seen)), p=probs)
+                picked = list(dict.fromkeys(ids[i] for i in draw if ids[i] not in seen))[:k]
+                out.append(picked)
+            return out
+
+        return popular
+    scorer = _sasrec(split, catalog)
+
+    def retrieved(
+        histories: Sequence[History], excluded: Sequence[set[str]], k: int
+    ) -> list[list[str]]:
+        scores = scorer.score(list(histories))
+        out = []
+        for row, history, seen in zip(scores, histories, excluded, strict=True):
+            seen = seen | set(history.item_ids)
+            order = np.argsort(-row, kind="stable")
+            out.append([ids[i] for i in order[: k + len(seen)] if ids[i] not in seen][:k])
+        return out
+
+    return retrieved
+
+
+def _sasrec(split: Split, catalog: Catalog) -> collab.Scorer:
+    """SASRec fitted on the training split (validation NDCG for early stopping), cached.
+
+    The cache key is the pipeline's (``recgen.pipeline._cached_scorer`` with the default
+    collab config), so training negatives come from the retriever the pipeline uses.
+    """
+    config = CollabConfig(method="sasrec")
+    key = hashlib.sha256(
+        json.dumps(
+            [catalog.fingerprint(), config.model_dump(), split.protocol, split.seed,
+             sorted((u, h.item_ids) for u, h in split.train.items()),
+             [(ex.user_id, ex.target) for ex in split.valid]],
+            sort_keys=True, default=str,
+        ).encode()
+    ).hexdigest()[:16]  # fmt: skip
+    path = cache_dir("collab", f"sasrec-{key}")
+    try:
+        return collab.load_scorer(path, catalog=catalog)
+    except (FileNotFoundError, ValueError):
+        pass
+    scorer = collab.fit_scorer(
+        config, train=split.train, catalog=catalog,
+        validate=evaluate.validation_callback(split.valid, catalog),
+    )  # fmt: skip
+    scorer.save(path)  # type: ignore[attr-defined]
+    return scorer
+
+
+# --------------------------------------------------------------------------- examples
+
+_DATA_KEYS = ("data", "interests", "prompt", "tasks", "samples", "valid_samples", "min_history",
+              "n_candidates", "negatives", "seed", "max_len", "new_since", "replay")  # fmt: skip
+
+
+class _Builder:
+    """Renders and tokenizes examples for one config, split and tokenizer."""
+
+    def __init__(
+        self, config: FinetuneConfig, *, tokenizer: Any, split: Split, catalog: Catalog,
+        real_time: bool,
+    ) -> None:  # fmt: skip
+        self.config, self.tokenizer, self.split, self.catalog = config, tokenizer, split, catalog
+        self.real_time = real_time
+        self.rng = random.Random(config.seed)
+        self.dropped = 0
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        base = config.prompt.model_dump()
+        self.renderers = {
+            task: PromptRenderer(
+                PromptConfig(**{**base, "template": template, "n_titles": n}), count_tokens=count
+            )
+            for task, template, n in (
+                ("next", "recommend", config.prompt.n_titles),
+                ("explain", "rerank", 1),
+                ("summary", "summary", config.prompt.n_titles),
+                ("rerank", "rerank", 1),
+            )
+        }
+        self.negatives = (
+            _negative_source(config, split, catalog)
+            if config.tasks.rerank > 0 or config.valid_samples
+            else None
+        )
+
+    @property
+    def template_hashes(self) -> dict[str, str]:
+        return {r.template: r.template_hash for r in self.renderers.values()}
+
+    def windows(self, n: int, *, lookahead: int, pool: str) -> list[tuple[History, Item, int]]:
+        """``n`` (history prefix, next item, position) windows, users drawn uniformly."""
+        cfg = self.config
+        eligible: list[tuple[History, list[int]]] = []
+        for user in sorted(self.split.train):
+            history = self.split.train[user]
+            ts = [e.timestamp for e in history.events]
+            positions = [
+                t for t in range(cfg.min_history, len(history) - lookahead + 1)
+                if pool == "all" or ((ts[t] or 0.0) > (cfg.new_since or 0.0)) == (pool == "new")
+            ]  # fmt: skip
+            if positions:
+                eligible.append((history, positions))
+        if not eligible and n:
+            raise DataError(
+                f"no training history has a window of min_history={cfg.min_history} items "
+                f"followed by {lookahead} more (pool {pool!r}); lower min_history"
+            )
+        out = []
+        for _ in range(n):
+            history, positions = self.rng.choice(eligible)
+            t = self.rng.choice(positions)
+            out.append((history.head(t), self.catalog[history.events[t].item_id], t))
+        return out
+
+    def state(self, history: History) -> InterestState:
+        return build_interest_state(
+            history, self.catalog, self.config.interests, real_time=self.real_time
+        )
+
+    def rows(self, task: str, windows: Sequence[tuple[History, Item, int]]) -> list[dict]:
+        """Rendered, tokenized examples of ``task`` for the windows (too-long ones dropped)."""
+        renderer = self.renderers[task]
+        cap = self.config.prompt.max_title_chars
+        cands: list[list[str]] = [[] for _ in windows]
+        if task == "rerank" and windows:
+            # Never a negative: the target, or anything the user has in the training split.
+            excluded = [
+                {i.item_id, *self.split.train.get(h.user_id or "", h).item_ids}
+                for h, i, _ in windows
+            ]
+            negs = self.negatives(  # type: ignore[misc]
+                [h for h, _, _ in windows], excluded, self.config.n_candidates - 1
+            )
+            for slot, (neg, (_, item, _)) in enumerate(zip(negs, windows, strict=True)):
+                cands[slot] = [*neg, item.item_id]
+                self.rng.shuffle(cands[slot])
+        out = []
+        for slot, (history, item, t) in enumerate(windows):
+            state = self.state(history)
+            candidates: list[Item] = []
+            if task == "next":
+                future = self.split.train[history.user_id or ""].events[
+                    t : t + renderer.config.n_titles
+                ]
+                items = [self.catalog[e.item_id] for e in future]
+                answer = format_answer(
+                    [(i.title, explain_item(i, state)) for i in items], max_title_chars=cap
+                )
+            elif task == "summary":
+                answer = summarize_state(state)
+            else:
+                candidates = [self.catalog[c] for c in cands[slot]] if task == "rerank" else [item]
+                index = 1 + [c.item_id for c in candidates].index(item.item_id)
+                answer = _indexed_answer(index, item, explain_item(item, state), cap)
+            prompt = renderer.render(state, candidates=candidates, answer=answer)
+            encoded = encode_example(
+                self.tokenizer, prompt.messages, answer, max_len=self.config.max_len
+            )
+            if encoded is None:
+                self.dropped += 1
+                continue
+            out.append({
+                "task": task, "user_id": history.user_id or "", "template": prompt.template,
+                "messages": [{"role": m.role, "content": m.content} for m in prompt.messages],
+                "answer": answer, "target": item.item_id, "position": t,
+                "candidates": list(prompt.candidates),
+                "target_index": 1 + list(prompt.candidates).index(item.item_id)
+                if prompt.candidates else 0,
+                "input_ids": encoded[0], "labels": encoded[1],
+            })  # fmt: skip
+        return out
+
+    def train_rows(self) -> list[dict]:
+        cfg = self.config
+        weights = cfg.tasks.model_dump()
+        total = sum(weights.values())
+        rows: list[dict] = []
+        for task in _TASKS:
+            n = round(cfg.samples * weights[task] / total)
+            lookahead = cfg.prompt.n_titles if task == "next" else 1
+            if cfg.new_since is None:
+                windows = self.windows(n, lookahead=lookahead, pool="all")
+            else:
+                n_old = round(n * cfg.replay)
+                windows = self.windows(n - n_old, lookahead=lookahead, pool="new")
+                windows += self.windows(n_old, lookahead=lookahead, pool="old")
+            rows += self.rows(task, windows)
+        self.rng.shuffle(rows)
+        return rows
+
+    def valid_rows(self) -> list[dict]:
+        """Rerank examples whose targets are the validation split's (scored, never trained)."""
+        examples = sorted(self.split.valid, key=lambda ex: ex.user_id)
+        chosen = random.Random(self.config.seed + 1).sample(
+            examples, k=min(self.config.valid_samples, len(examples))
+        )
+        windows = [
+            (ex.history, self.catalog[ex.target], len(ex.history))
+            for ex in chosen
+            if len(ex.history) >= 1
+        ]
+        return self.rows("rerank", windows)
+
+
+def _data_key(builder: _Builder, base_name: str) -> str:
+    split = builder.split
+    payload = [
+        {k: getattr(builder.config, k) for k in _DATA_KEYS},
+        builder.template_hashes,
+        base_name,
+        builder.catalog.fingerprint(),
+        sorted((u, h.item_ids) for u, h in split.train.items()),
+        sorted((ex.user_id, ex.target) for ex in split.valid),
+    ]
+    blob = json.dumps(payload, sort_keys=True, default=lambda o: getattr(o, "model_dump", str)())
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_datasets(
+    config: FinetuneConfig,
+    *,
+    tokenizer: Any,
+    split: Split,
+    catalog: Catalog,
+    real_time: bool = True,
+    base_name: str = "",
+    cache: bool = True,
+) -> tuple[Any, Any, dict[str, str]]:
+    """Training and validation ``datasets.Dataset``s for ``config``, cached on disk.
+
+    Args:
+        config: Tasks, weights, sample counts, prompt budget, seed.
+        tokenizer: The base model's tokenizer (its chat template is used).
+        split: The split; training examples come from ``split.train`` only.
+        catalog: The items.
+        real_time: Whether timestamps are real times (time context in the prompts).
+        base_name: The tokenizer's model name (part of the cache key).
+        cache: Reuse / write ``cache_dir("finetune", "data-<key>")``.
+
+    Returns:
+        ``(train, valid, template_hashes)``.
+    """
+    from datasets import Dataset, load_from_disk
+
+    builder = _Builder(config, tokenizer=tokenizer, split=split, catalog=catalog,
+                       real_time=real_time)  # fmt: skip
+    folder = cache_dir("finetune", f"data-{_data_key(builder, base_name)}") if cache else None
+    if folder is not None and (folder / "done").is_file():
+        _log.info("reusing the cached training data in %s", folder)
+        train, valid = load_from_disk(folder / "train"), load_from_disk(folder / "valid")
+        return train, valid, builder.template_hashes
+    train = Dataset.from_list(builder.train_rows())
+    valid = Dataset.from_list(builder.valid_rows())
+    if builder.dropped:
+        _log.warning("dropped %d examples longer than max_len=%d", builder.dropped, config.max_len)
+    if folder is not None:
+        train.save_to_disk(folder / "train")
+        valid.save_to_disk(folder / "valid")
+        (folder / "done").write_text(json.dumps({"train": len(train), "valid": len(valid)}))
+    _log.info("built %d training and %d validation examples", len(train), len(valid))
+    return train, valid, builder.template_hashes

@@ -1,0 +1,409 @@
+"""Tests for recgen.adapters and recgen.adapter_data: config, training data (train split only,
+answer-only labels), adapter metadata checks, and a real tiny fine-tune (loss falls, exact
+resume, save/load and merge round-trips, verbalizer scores)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from recgen import data, splits
+from recgen.adapter_data import (
+    FinetuneConfig,
+    build_datasets,
+    encode_example,
+    explain_item,
+    summarize_state,
+)
+from recgen.adapters import (
+    META_FILE,
+    check_adapter,
+    load_adapter_meta,
+    merge_adapter,
+    train_adapter,
+    write_adapter_meta,
+)
+from recgen.config import DataConfig, InterestConfig, load_config
+from recgen.errors import ConfigError, IndexMismatchError
+from recgen.interests import build_interest_state, item_labels
+from recgen.types import Message
+
+GENERIC = Path(__file__).parent / "data" / "generic"
+FINETUNE = Path(__file__).resolve().parents[1] / "finetune"
+
+# A tiny config over the shipped generic fixture (5 users, 28 events).
+TINY: dict[str, Any] = {
+    "data": {"source": str(GENERIC), "kcore": 0},
+    "min_history": 2,
+    "prompt": {"max_prompt_tokens": 64, "n_titles": 2},
+    "max_len": 400,
+    "n_candidates": 4,
+    "negatives": "popular",
+    "samples": 24,
+    "valid_samples": 4,
+}
+
+
+class FakeTokenizer:
+    """ChatML over word/space tokens with a growing vocabulary (no model needed)."""
+
+    eos_token_id = 2
+    pad_token_id = 0
+    _SPLIT = re.compile(r"<\|im_start\|>|<\|im_end\|>|[^\s<]+|\s|<")
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+
+    def apply_chat_template(
+        self, chat: Sequence[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool = False
+    ) -> str:
+        assert not tokenize
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chat)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def __call__(self, text: str, *, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [self.vocab.setdefault(t, len(self.vocab)) for t in self._SPLIT.findall(text)]}  # fmt: skip
+
+    def decode(self, ids: Sequence[int]) -> str:
+        inverse = {i: t for t, i in self.vocab.items()}
+        return "".join(inverse[i] for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    config = DataConfig(source=str(GENERIC), kcore=0)
+    dataset = data.load_data(config)
+    return dataset, splits.split_dataset(dataset, config)
+
+
+def _build(tiny: tuple[Any, Any], **overrides: Any) -> tuple[Any, Any, FakeTokenizer]:
+    dataset, split = tiny
+    tok = FakeTokenizer()
+    config = FinetuneConfig.model_validate({**TINY, **overrides})
+    train, valid, _ = build_datasets(
+        config, tokenizer=tok, split=split, catalog=dataset.catalog, cache=False
+    )
+    return train, valid, tok
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_rejects_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(ConfigError, match=r"lora\.rank"):
+        load_config(model=FinetuneConfig, overrides=["lora.rank=8"])
+    with pytest.raises(ConfigError, match="max_len"):
+        load_config(model=FinetuneConfig, overrides=["max_len=100"])
+    with pytest.raises(ConfigError, match="all 0"):
+        load_config(
+            model=FinetuneConfig,
+            overrides=["tasks.next=0", "tasks.explain=0", "tasks.summary=0", "tasks.rerank=0"],
+        )
+    with pytest.raises(ConfigError, match="replay"):
+        load_config(model=FinetuneConfig, overrides=["replay=0.5"])
+
+
+@pytest.mark.parametrize("name", ["ml100k-lora.toml", "ml100k-prefix.toml"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_config(FINETUNE / name, model=FinetuneConfig)
+    assert config.method == name.split("-")[1].split(".")[0]
+    assert load_config(FINETUNE / name, model=FinetuneConfig, overrides=["lr=1e-3"]).lr == 1e-3
+
+
+# --------------------------------------------------------------------------- training data
+
+
+def test_examples_come_from_the_training_split_only(tiny: tuple[Any, Any]) -> None:
+    dataset, split = tiny
+    train, valid, _ = _build(tiny, tasks={"next": 1, "explain": 1, "summary": 1, "rerank": 1})
+    held_out = {(ex.user_id, ex.target) for ex in (*split.valid, *split.test)}
+    titles = {item.item_id: item.title for item in dataset.catalog}
+    assert len(train) > 0
+    assert set(train["task"]) == {"next", "explain", "summary", "rerank"}
+    for row in train:
+        history = split.train[row["user_id"]]
+        assert history.item_ids[row["position"]] == row["target"]
+        assert (row["user_id"], row["target"]) not in held_out
+        for user, target in held_out:  # no held-out item of this user is ever an answer
+            if user == row["user_id"] and target not in history.item_ids:
+                assert titles[target] not in row["answer"]
+    assert set(valid["task"]) == {"rerank"}
+    valid_targets = {(ex.user_id, ex.target) for ex in split.valid}
+    assert {(r["user_id"], r["target"]) for r in valid} <= valid_targets
+
+
+def test_labels_cover_the_answer_only(tiny: tuple[Any, Any]) -> None:
+    train, _, tok = _build(tiny)
+    for row in train:
+        ids, labels = row["input_ids"], row["labels"]
+        first = next(i for i, y in enumerate(labels) if y != -100)
+        assert all(y == -100 for y in labels[:first])
+        assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+        assert tok.decode([y for y in labels if y != -100]) == row["answer"] + "<|im_end|>"
+
+
+def test_rerank_answer_starts_with_the_target_number(tiny: tuple[Any, Any]) -> None:
+    train, _, _ = _build(tiny, tasks={"rerank": 1, "next": 0, "explain": 0, "summary": 0})
+    for row in train:
+        assert row["target"] in row["candidates"]
+        assert len(set(row["candidates"])) == len(row["candidates"]) <= 4
+        k = row["target_index"]
+        assert row["candidates"][k - 1] == row["target"]
+        assert row["answer"].startswith(f"{k}. ")
+        assert f"\n{k}. " in row["messages"][1]["content"]  # the number shown in the list
+
+
+def test_dataset_is_deterministic(tiny: tuple[Any, Any]) -> None:
+    first, _, _ = _build(tiny)
+    second, _, _ = _build(tiny)
+    assert first["answer"] == second["answer"]
+    other, _, _ = _build(tiny, seed=1)
+    assert other["answer"] != first["answer"]
+
+
+def test_too_long_examples_are_dropped() -> None:
+    tok = FakeTokenizer()
+    messages = (Message(role="user", content="word " * 50),)
+    assert encode_example(tok, messages, "1. A | b", max_len=20) is None
+    ids, labels = encode_example(tok, messages, "1. A | b", max_len=500) or ([], [])
+    assert len(ids) == len(labels) > 100
+
+
+def test_explanations_and_summaries_are_derived_from_data(tiny: tuple[Any, Any]) -> None:
+    dataset, split = tiny
+    history = split.train["alice"]
+    state = build_interest_state(history.head(4), dataset.catalog, InterestConfig())
+    item = dataset.catalog[history.item_ids[4]]
+    text = explain_item(item, state)
+    profile = {label for label, _ in (*state.long_term, *state.recent_profile)}
+    named = {label for label in item_labels(item) if label in text}
+    assert named
+    assert named <= profile or text.startswith("A change of pace")
+    summary = summarize_state(state)
+    assert state.long_term[0][0] in summary
+    assert 1 <= summary.count(".") - summary.count("(") <= 6
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _fake_adapter(tmp_path: Path, *, method: str = "lora") -> tuple[Path, Path]:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    config = FinetuneConfig(base_model=str(base), method=method)  # type: ignore[arg-type]
+    write_adapter_meta(adapter, config, template_hashes={"rerank": "abc"})
+    return base, adapter
+
+
+def test_adapter_metadata_round_trips(tmp_path: Path) -> None:
+    base, adapter = _fake_adapter(tmp_path)
+    meta = check_adapter(adapter, base_model=str(base), template="rerank", template_hash="abc")
+    assert meta == load_adapter_meta(adapter)
+    assert meta["template_hashes"] == {"rerank": "abc"}
+    assert load_config(adapter / "finetune.toml", model=FinetuneConfig).base_model == str(base)
+
+
+def test_adapter_refuses_another_base_or_template(tmp_path: Path) -> None:
+    base, adapter = _fake_adapter(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    with pytest.raises(IndexMismatchError, match="trained on base model"):
+        check_adapter(adapter, base_model=str(other))
+    with pytest.raises(IndexMismatchError, match="template 'rerank'"):
+        check_adapter(adapter, base_model=str(base), template="rerank", template_hash="xyz")
+    with pytest.raises(ConfigError, match="not a recgen adapter"):
+        check_adapter(tmp_path, base_model=str(base))
+    (adapter / META_FILE).unlink()
+    with pytest.raises(ConfigError, match="not a recgen adapter"):
+        load_adapter_meta(adapter)
+
+
+def test_merge_refuses_prefix_tuning(tmp_path: Path) -> None:
+    _, adapter = _fake_adapter(tmp_path, method="prefix")
+    with pytest.raises(ConfigError, match="prefix-tuning is served by the transformers"):
+        merge_adapter(adapter, tmp_path / "merged")
+
+
+def test_resume_needs_a_checkpoint_and_fresh_runs_refuse_one(tmp_path: Path) -> None:
+    config = FinetuneConfig.model_validate(TINY)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train_adapter(config, tmp_path / "run", resume=True)
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="--resume"):
+        train_adapter(config, tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- real model
+
+# Real tiny fine-tunes on the embedded model: a handful of short examples, a few steps each.
+MODEL_TINY: dict[str, Any] = {
+    **TINY,
+    "tasks": {"rerank": 1, "summary": 1, "next": 0, "explain": 0},
+    "samples": 2,
+    "valid_samples": 1,
+    "batch_size": 2,
+    "grad_accum": 1,
+    "lr": 3e-3,
+    "warmup_steps": 0,
+    "max_steps": 4,
+    "eval_every": 4,
+    "checkpoint_every": 100,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+}
+
+
+def _train(tiny: tuple[Any, Any], out: Path, **overrides: Any) -> dict[str, Any]:
+    dataset, split = tiny
+    config = FinetuneConfig.model_validate({**MODEL_TINY, **overrides})
+    return train_adapter(
+        config, out, split=split, catalog=dataset.catalog, show_progress=False, cache_data=False
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    _train(tiny, out)
+    return out
+
+
+def _logits(model: Any, tokenizer: Any, text: str) -> Any:
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        return model(**ids).logits[0].float()
+
+
+PROBE = (
+    "<|im_start|>user\nPick one: 1. Heat (1995) 2. Alien (1979)<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.mark.model
+def test_tiny_finetune_loss_falls_and_saves_everything(lora_run: Path) -> None:
+    log = [json.loads(line) for line in (lora_run / "training_log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "lr" in e]
+    assert len(losses) == 4
+    assert losses[-1] < 0.8 * losses[0]
+    assert any("ndcg" in e for e in log)
+    meta = load_adapter_meta(lora_run)
+    assert meta["base"]["name"] == "SmolLM2-135M-Instruct"
+    assert set(meta["template_hashes"]) == {"recommend", "rerank", "summary"}
+    assert meta["summary"]["steps"] == 4
+    assert meta["summary"]["tokens_per_second"] > 0
+    assert (lora_run / "adapter_model.safetensors").is_file()
+    assert not (lora_run / "checkpoint").exists()  # removed once the run finished
+    with pytest.raises(ConfigError, match="already holds"):
+        train_adapter(FinetuneConfig.model_validate(MODEL_TINY), lora_run)
+
+
+@pytest.mark.model
+def test_adapter_round_trips_through_save_load_and_merge(lora_run: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from recgen.adapters import load_base
+
+    tokenizer, base = load_base("embedded", dtype="float32")
+    base_logits = _logits(base, tokenizer, PROBE)
+    tuned = PeftModel.from_pretrained(base, str(lora_run)).eval()
+    tuned_logits = _logits(tuned, tokenizer, PROBE)
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-3)  # the adapter was saved
+    tuned.save_pretrained(tmp_path / "again")
+    _, base2 = load_base("embedded", dtype="float32")
+    again = PeftModel.from_pretrained(base2, str(tmp_path / "again")).eval()
+    assert torch.equal(_logits(again, tokenizer, PROBE), tuned_logits)
+
+    merge_adapter(lora_run, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(_logits(merged, tokenizer, PROBE), tuned_logits, atol=1e-4)
+    ids = tokenizer(PROBE, return_tensors="pt", add_special_tokens=False)
+    greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.inference_mode():
+        assert torch.equal(tuned.generate(**ids, **greedy), merged.generate(**ids, **greedy))
+    assert json.loads((tmp_path / "merged" / "merged_from.json").read_text())["method"] == "lora"
+
+
+@pytest.mark.model
+def test_resumed_training_equals_uninterrupted(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    run = {"batch_size": 1, "max_steps": 3, "eval_every": 3, "checkpoint_every": 1,
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}  # fmt: skip
+    _train(tiny, tmp_path / "whole", **run)
+    config = FinetuneConfig.model_validate({**MODEL_TINY, **run})
+    dataset, split = tiny
+    kwargs = {"split": split, "catalog": dataset.catalog, "show_progress": False,
+              "cache_data": False}  # fmt: skip
+    partial = train_adapter(config, tmp_path / "killed", stop_after=1, **kwargs)
+    assert partial["steps"] == 1
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    train_adapter(config, tmp_path / "killed", resume=True, **kwargs)
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all((whole[k] == resumed[k]).all() for k in whole)
+    logs = [(tmp_path / d / "training_log.jsonl").read_text() for d in ("whole", "killed")]
+    assert logs[0].count('"lr"') == logs[1].count('"lr"') == 3
+
+
+@pytest.mark.model
+def test_candidate_scores_match_teacher_forcing(tiny: tuple[Any, Any]) -> None:
+    import torch
+
+    from recgen.adapters import candidate_scores, load_base
+    from recgen.config import PromptConfig
+    from recgen.prompting import PromptRenderer
+
+    dataset, split = tiny
+    tokenizer, model = load_base("embedded", dtype="float32")
+    model.eval()
+    renderer = PromptRenderer(PromptConfig(template="rerank", n_titles=1))
+    items = list(dataset.catalog)
+    prompts = [
+        renderer.render(
+            build_interest_state(split.train[user], dataset.catalog, InterestConfig()),
+            candidates=items[start : start + n],
+        )
+        for user, start, n in (("alice", 10, 12), ("bob", 0, 7))
+    ]
+    scores = candidate_scores(model, tokenizer, prompts, batch_size=2)
+    for prompt, got in zip(prompts, scores, strict=True):
+        chat = [{"role": m.role, "content": m.content} for m in prompt.messages]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        n = len(prompt.candidates)
+        for k in range(1, n + 1):
+            answer = f"{k}." if k < 10 and k <= n // 10 else str(k)
+            base = tokenizer(text, add_special_tokens=False)["input_ids"]
+            extra = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([base + extra])).logits[0].float()
+            logp = torch.log_softmax(logits[len(base) - 1 : -1], -1)
+            want = float(sum(logp[i, t] for i, t in enumerate(extra)))
+            assert got[k - 1] == pytest.approx(want, abs=2e-3)
+
+
+@pytest.mark.model
+def test_prefix_tuning_trains_and_scores(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    summary = _train(
+        tiny, tmp_path / "prefix", method="prefix", lora={}, max_steps=2, eval_every=2,
+        batch_size=1, prefix={"num_virtual_tokens": 4},
+    )  # fmt: skip
+    assert summary["steps"] == 2
+    assert load_adapter_meta(tmp_path / "prefix")["method"] == "prefix"
+    with pytest.raises(ConfigError, match="prefix-tuning"):
+        merge_adapter(tmp_path / "prefix", tmp_path / "merged")
