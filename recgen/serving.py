@@ -194,7 +194,8 @@ class VLLMServer:
     Attributes:
         base_url: ``http://host:port/v1``, for ``generation.base_url``.
         served_models: The names requests may use as ``"model"``: the base model's first.
-        log_path: The file that holds the server's output.
+        log_path: The file that holds the server's output (a temporary file, deleted by a
+            normal ``stop``, unless ``config.log_file`` names one).
     """
 
     def __init__(self, config: ServeConfig | None = None, *, python: str | Path | None = None):
@@ -207,6 +208,7 @@ class VLLMServer:
         self.served_models = [self.config.served_name or self.config.model, *self._adapters]
         self.log_path = Path(self.config.log_file) if self.config.log_file else None
         self._process: subprocess.Popen[bytes] | None = None
+        self._temporary_log = False
 
     # ------------------------------------------------------------------ command line
 
@@ -264,7 +266,7 @@ class VLLMServer:
         if self.log_path is None:
             handle, name = tempfile.mkstemp(prefix="recgen-vllm-", suffix=".log")
             os.close(handle)
-            self.log_path = Path(name)
+            self.log_path, self._temporary_log = Path(name), True
         _log.info("starting vLLM: %s (log: %s)", " ".join(cmd), self.log_path)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
@@ -278,6 +280,7 @@ class VLLMServer:
         try:
             self._wait_healthy()
         except BaseException:
+            self._temporary_log = False  # the error names the log: keep it
             self.stop()
             raise
         return self
@@ -316,6 +319,14 @@ class VLLMServer:
         process, self._process = self._process, None
         if process is None:
             return
+        try:
+            self._kill(process, timeout)
+        finally:
+            if self._temporary_log and self.log_path is not None:
+                self.log_path.unlink(missing_ok=True)
+                self.log_path, self._temporary_log = None, False
+
+    def _kill(self, process: subprocess.Popen[bytes], timeout: float) -> None:
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(process.pid, sig)
@@ -407,7 +418,8 @@ def usage(server: VLLMServer) -> str:
     sets = f"--set generation.base_url={url}{model}"
     return "\n".join(
         [
-            f"vLLM is serving {', '.join(models)} at {url} (Ctrl-C stops it). Use it with:",
+            f"vLLM is serving {', '.join(models)} at {url} (log: {server.log_path}).",
+            "Ctrl-C stops it. Use it with:",
             f"  recgen eval --backend openai --base-url {url}{model} --out runs/served",
             f"  recgen recommend --user 42 --set generation.backend=openai {sets}",
             f"  curl {url}/models",

@@ -81,7 +81,10 @@ def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path
 
 
 def _config(fake: dict[str, Path], **values: Any) -> ServeConfig:
-    return ServeConfig(model=str(fake["model"]), venv=str(fake["venv"]), port=0, **values)
+    log = str(fake["model"].parent / "vllm.log")
+    return ServeConfig(
+        model=str(fake["model"]), venv=str(fake["venv"]), port=0, log_file=log, **values
+    )
 
 
 def _alive(pid: int) -> bool:
