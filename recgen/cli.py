@@ -230,7 +230,7 @@ def serve(
     python = serving.ensure_vllm_env(venv) if install else serving.vllm_python(venv)
     server = serving.VLLMServer(cfg, python=python)
     _console.print(f"starting vLLM: {' '.join(server.served_models)} (about 40 s)")
-    code = serving.serve_forever(server, on_ready=lambda s: _console.print(serving.usage(s)))
+    code = serving.serve_forever(server, on_ready=lambda s: click.echo(serving.usage(s)))
     raise SystemExit(code)
 
 
