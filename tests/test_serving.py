@@ -230,6 +230,36 @@ def test_a_missing_vllm_environment_names_the_command(tmp_path: Path) -> None:
         VLLMServer(ServeConfig(venv=str(tmp_path / "nope"))).command("m")
 
 
+def test_ensure_vllm_env_runs_the_make_vllm_steps_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps: list[list[str]] = []
+
+    def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        steps.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            (Path(cmd[3]) / "bin").mkdir(parents=True)
+            (Path(cmd[3]) / "bin" / "python").touch()
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(serving.subprocess, "run", run)
+    venv = tmp_path / "v"
+    assert serving.ensure_vllm_env(venv) == venv / "bin" / "python"
+    install, uninstall = steps[1], steps[2]
+    assert install[-1] == serving.VLLM_PACKAGE
+    assert "-c" in install  # torch pinned to the CPU build
+    assert uninstall[-3:] == ["torchvision", "torchaudio", "torchcodec"]
+    serving.ensure_vllm_env(venv)
+    assert len(steps) == 3  # the marker says it is done
+
+    def fail(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
+
+    monkeypatch.setattr(serving.subprocess, "run", fail)
+    with pytest.raises(ConfigError, match=r"(?s)failed at `.*venv.*No matching distribution"):
+        serving.ensure_vllm_env(tmp_path / "w")
+
+
 # --------------------------------------------------------------------------- a real vLLM server
 
 
