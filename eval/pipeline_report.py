@@ -16,7 +16,6 @@ import argparse
 import platform
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,16 @@ import torch
 
 from recgen import data, splits
 from recgen.config import RankingConfig, RecommenderConfig, load_config
-from recgen.evaluate import EvalResult, ScorerRanker, compare, popular_items, run_evaluation
+from recgen.evaluate import (
+    EvalResult,
+    ListRanker,
+    ScorerRanker,
+    compare,
+    popular_items,
+    run_evaluation,
+)
 from recgen.generation import TransformersGenerator
-from recgen.pipeline import Recommender, Trace
+from recgen.pipeline import Recommender, Trace, output_stats
 from recgen.types import Example
 
 # ----------------------------------------------------------------------------- config
@@ -41,16 +47,6 @@ DEFAULTS = [
 KS = (1, 5, 10, 20)
 SPEED_BATCHES = (1, 8, 32)
 """Generation batch sizes timed for throughput (batch 1 also gives per-user latency)."""
-
-
-class ListRanker:
-    """A Ranker over lists computed beforehand (one per user id)."""
-
-    def __init__(self, name: str, lists: dict[str, list[str]]) -> None:
-        self.name, self.lists = name, lists
-
-    def rank(self, examples: list[Example], *, n: int) -> list[list[str]]:
-        return [self.lists[ex.user_id][:n] for ex in examples]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -82,31 +78,6 @@ def generate(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], fl
         batch = examples[b : b + size]
         traces.extend(rec.trace_batch([ex.history for ex in batch], n=max(KS)))
     return traces, time.perf_counter() - start
-
-
-def output_stats(traces: list[Trace]) -> dict[str, float]:
-    """Parse and grounding rates over every generated line (reasons for rejections counted)."""
-    proposed = sum(len(t.parsed.candidates) + len(t.parsed.failures) for t in traces if t.parsed)
-    parsed = sum(len(t.parsed.candidates) for t in traces if t.parsed)
-    grounded = sum(len(t.grounding.grounded) for t in traces if t.grounding)
-    reasons = Counter(
-        r.reason.split(":")[0].split(" (")[0] for t in traces if t.grounding
-        for r in t.grounding.rejected
-    )  # fmt: skip
-    exact = sum(g.match == "exact" for t in traces if t.grounding for g in t.grounding.grounded)
-    stats = {
-        "lines": proposed,
-        "parse_rate": parsed / max(proposed, 1),
-        "grounded_rate": grounded / max(parsed, 1),
-        "exact_share": exact / max(grounded, 1),
-        "llm_items_in_top10": float(
-            np.mean(
-                [sum(r.source in ("llm", "hybrid") for r in t.recommendations[:10]) for t in traces]
-            )
-        ),
-    }
-    stats.update({f"rejected: {k}": v / max(parsed, 1) for k, v in reasons.most_common()})
-    return stats
 
 
 def speed(rec: Recommender, examples: list[Example]) -> list[dict[str, float]]:

@@ -24,6 +24,7 @@ from recgen.types import Catalog, Example, History, Ranker
 
 __all__ = [
     "EvalResult",
+    "ListRanker",
     "ScorerRanker",
     "compare",
     "popular_items",
@@ -67,6 +68,26 @@ class ScorerRanker:
             )
             out.extend([item_id for item_id, _ in top] for top in tops)
         return out
+
+
+class ListRanker:
+    """A :class:`~recgen.types.Ranker` over lists computed beforehand, one per user id.
+
+    Lets one expensive pass (e.g. LLM generation) be scored under several fusion settings.
+
+    Raises:
+        DataError: from ``rank``, for an example whose user has no list.
+    """
+
+    def __init__(self, name: str, lists: Mapping[str, Sequence[str]]) -> None:
+        self.name, self.lists = name, dict(lists)
+
+    def rank(self, examples: Sequence[Example], *, n: int) -> list[list[str]]:
+        """Each example's precomputed list, cut to ``n``."""
+        missing = [ex.user_id for ex in examples if ex.user_id not in self.lists]
+        if missing:
+            raise DataError(f"ListRanker {self.name!r} has no list for users {missing[:3]}")
+        return [list(self.lists[ex.user_id][:n]) for ex in examples]
 
 
 def validation_callback(

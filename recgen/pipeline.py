@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from recgen.types import (
     Split,
 )
 
-__all__ = ["Recommender", "Trace"]
+__all__ = ["Recommender", "Trace", "output_stats"]
 
 _log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Recommender:
     ) -> None:
         self.config = config
         self.catalog = catalog
-        self.generator = generator or generation.make_generator(config.generation)
+        self._generator = generator  # loaded on first use: baselines never load the LLM
         if index is None:
             encoder = grounding.make_encoder(config.grounding)
             index = grounding.CatalogIndex.build(catalog, encoder, config.grounding)
@@ -118,16 +119,28 @@ class Recommender:
             np.zeros(len(catalog), dtype=np.float64) if popularity is None else popularity
         )
         self.real_time = real_time
-        self.renderer = prompting.PromptRenderer(
-            config.prompt, count_tokens=self.generator.count_tokens
-        )
+        self.renderer = prompting.PromptRenderer(config.prompt, count_tokens=self._count_tokens)
         if config.ranking.mode == "rerank":
             self._check_rerank()
             self.renderer = prompting.PromptRenderer(
                 config.prompt.model_copy(update={"template": config.prompt.rerank_template}),
-                count_tokens=self.generator.count_tokens,
+                count_tokens=self._count_tokens,
             )
         self._by_title = {item.title.casefold(): item.item_id for item in catalog}
+
+    @property
+    def generator(self) -> generation.Generator:
+        """The LLM backend, loaded from ``config.generation`` on first use."""
+        if self._generator is None:
+            self._generator = generation.make_generator(self.config.generation)
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: generation.Generator) -> None:
+        self._generator = generator
+
+    def _count_tokens(self, text: str) -> int:
+        return self.generator.count_tokens(text)
 
     # ------------------------------------------------------------------ public API
 
@@ -350,7 +363,12 @@ class Recommender:
                 "ranking.mode='rerank' needs a collaborative scorer to retrieve candidates: "
                 "pass scorer=... or set collab.method to 'sasrec' or 'popular'"
             )
-        if not isinstance(self.generator, generation.CandidateScorer):
+        scores = (
+            self.config.generation.backend in ("transformers", "fake")
+            if self._generator is None
+            else isinstance(self._generator, generation.CandidateScorer)
+        )
+        if not scores:
             raise ConfigError(
                 f"generation backend {self.config.generation.backend!r} cannot score candidates "
                 "in one pass; use the transformers backend for ranking.mode='rerank'"
@@ -624,3 +642,31 @@ def _labels(item: Item) -> set[str]:
         if isinstance(value, tuple):
             out.update(value)
     return out
+
+
+def output_stats(traces: Sequence[Trace]) -> dict[str, float]:
+    """How the LLM's output fared over many traces (free generation; rerank traces count 0).
+
+    Returns:
+        ``lines`` (non-blank output lines seen), ``parse_rate`` (lines that parsed into a
+        title), ``grounded_rate`` (parsed titles matched to an unseen catalog item),
+        ``exact_share`` (grounded by exact title), ``llm_in_top10`` (mean LLM-proposed items in
+        the top 10) and ``rejected: REASON`` (share of parsed titles rejected for that reason).
+    """
+    parsed = [t.parsed for t in traces if t.parsed is not None]
+    grounded = [t.grounding for t in traces if t.grounding is not None]
+    n_parsed = sum(len(p.candidates) for p in parsed)
+    n_lines = n_parsed + sum(len(p.failures) for p in parsed)
+    n_grounded = sum(len(g.grounded) for g in grounded)
+    n_exact = sum(x.match == "exact" for g in grounded for x in g.grounded)
+    reasons = Counter(r.reason.split(":")[0].split(" (")[0] for g in grounded for r in g.rejected)
+    in_top = [sum(r.source in ("llm", "hybrid") for r in t.recommendations[:10]) for t in traces]
+    stats = {
+        "lines": float(n_lines),
+        "parse_rate": n_parsed / max(n_lines, 1),
+        "grounded_rate": n_grounded / max(n_parsed, 1),
+        "exact_share": n_exact / max(n_grounded, 1),
+        "llm_in_top10": float(np.mean(in_top)) if in_top else 0.0,
+    }
+    stats.update({f"rejected: {k}": v / max(n_parsed, 1) for k, v in reasons.most_common()})
+    return stats

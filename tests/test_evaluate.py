@@ -188,3 +188,15 @@ def test_sasrec_beats_popularity_on_ml100k_validation() -> None:
     ]  # fmt: skip
     assert results[1].summary()["NDCG@10"] > results[0].summary()["NDCG@10"]
     assert results[1].summary()["COV@20"] > results[0].summary()["COV@20"]
+
+
+def test_list_ranker_cuts_precomputed_lists_and_names_missing_users() -> None:
+    from recgen.evaluate import ListRanker
+    from recgen.types import Example, History
+
+    ranker = ListRanker("pre", {"u1": ["a", "b", "c"]})
+    ex = Example(user_id="u1", history=History.create(["x"]), target="b")
+    assert ranker.rank([ex], n=2) == [["a", "b"]]
+    other = Example(user_id="u2", history=History.create(["x"]), target="b")
+    with pytest.raises(DataError, match="no list for users \\['u2'\\]"):
+        ranker.rank([other], n=2)

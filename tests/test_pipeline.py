@@ -268,6 +268,31 @@ def test_rerank_mode_needs_a_backend_that_scores_candidates() -> None:
         Recommender(config, catalog=catalog, generator=TextOnly(), index=index, scorer=scorer)
 
 
+def test_output_stats_count_parse_and_grounding_outcomes() -> None:
+    from recgen.pipeline import output_stats
+
+    traces = _recommender().trace_batch([["1", "2"]], n=5)
+    stats = output_stats(traces)
+    # 6 lines: 4 parse as titles (an intro and a garbage line are prose); of those, Aliens and
+    # The Matrix ground, "Totally Made Up Film" has no close item, "Heat (1995)" was seen.
+    assert stats["lines"] == 6
+    assert stats["parse_rate"] == pytest.approx(4 / 6)
+    assert stats["grounded_rate"] == pytest.approx(2 / 4)
+    assert stats["exact_share"] == 1.0
+    assert stats["rejected: already in history"] == pytest.approx(1 / 4)
+    assert stats["rejected: no catalog item above similarity 0.6"] == pytest.approx(1 / 4)
+
+
+def test_the_llm_is_loaded_only_when_a_stage_needs_it() -> None:
+    config = load_config(overrides=["grounding.encoder=hash"])  # the real transformers backend
+    catalog = _catalog()
+    index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
+    rec = Recommender(config, catalog=catalog, index=index, popularity=np.ones(len(catalog)))
+    assert rec._generator is None
+    assert len(rec.recommend([], n=3)) == 3  # the popular fallback needs no LLM
+    assert rec._generator is None
+
+
 # --------------------------------------------------------------------------- the real thing
 
 

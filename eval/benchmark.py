@@ -1,0 +1,332 @@
+"""Every method side by side: popularity, SASRec+, the LLM zero-shot and fine-tuned, and hybrids.
+
+Reproduce the committed report (both data sets; tunes on validation, reads test once):
+
+    .venv/bin/python eval/benchmark.py
+
+A quicker look at one data set:
+
+    .venv/bin/python eval/benchmark.py --datasets ml-100k --valid-users 200 --generate-users 48
+
+Methods whose LLM step costs one forward pass per user (``rerank``: SASRec+ retrieves
+``retrieve`` unseen items, the LLM scores them through the verbalizer, the scores are fused) run on
+every test user. Free generation (the LLM writes titles, grounded with MiniLM) costs ~100 tokens
+of decoding per user, so its rows run on a seeded sample of ``--generate-users`` test users, with
+SASRec+ scored on the same sample for their paired test. Every fusion weight is chosen on a
+seeded sample of validation users; the test split is read once per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recgen import data, splits
+from recgen.collab import PopularityScorer
+from recgen.config import RecommenderConfig, load_config
+from recgen.evaluate import (
+    EvalResult,
+    ListRanker,
+    ScorerRanker,
+    compare,
+    popular_items,
+    run_evaluation,
+)
+from recgen.metrics import score_rankings
+from recgen.pipeline import Recommender, Trace, output_stats
+from recgen.types import Example
+
+# ----------------------------------------------------------------------------- config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = {
+    "ml-100k": ["data.source=ml-100k", "data.kcore=5"],
+    "amazon-scientific": [f"data.source={SHARED / 'amazon-scientific'}", "data.kcore=0"],
+}
+"""Data overrides per data set (ML-100K with LlamaRec's 5-core filter; Amazon as shipped)."""
+ADAPTERS = {"ml-100k": ROOT / "finetune" / "adapters" / "ml100k-lora"}
+"""The committed adapter per data set (an adapter knows its own catalog's titles only)."""
+RERANK = ["ranking.mode=rerank", "prompt.max_prompt_tokens=600"]
+"""Rerank mode with room for 20 candidates beside the history (the adapter trained with 600)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything that determines a benchmark run (written to the report)."""
+
+    datasets: tuple[str, ...] = ("ml-100k", "amazon-scientific")
+    seed: int = 0
+    valid_users: int = 300
+    """Seeded sample of validation users on which fusion weights are tuned."""
+    generate_users: int = 96
+    """Seeded sample of test users for free-generation rows (decoding is the slow part)."""
+    test_users: int = 0
+    """Seeded sample of test users for every other row (0: all; for quick looks only)."""
+    weights: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+    """Grid of ``ranking.llm_weight`` (with ``collab_weight = 1``) tried on validation."""
+    retrieve: int = 20
+    ks: tuple[int, ...] = (1, 5, 10, 20)
+    speed_users: int = 16
+    """Users timed one at a time for the p50 latency."""
+    out: Path = ROOT / "eval" / "reports" / "benchmark"
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class Row:
+    """One method's test result with its speed and notes."""
+
+    result: EvalResult
+    users_per_s: float
+    p50_s: float
+    sample: bool
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def parse_args() -> BenchConfig:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=list(BenchConfig.datasets), choices=DATASETS)
+    p.add_argument("--valid-users", type=int, default=BenchConfig.valid_users)
+    p.add_argument("--generate-users", type=int, default=BenchConfig.generate_users)
+    p.add_argument("--test-users", type=int, default=BenchConfig.test_users)
+    p.add_argument("--speed-users", type=int, default=BenchConfig.speed_users)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=BenchConfig.out)
+    a = p.parse_args()
+    return BenchConfig(
+        datasets=tuple(a.datasets), valid_users=a.valid_users, generate_users=a.generate_users,
+        test_users=a.test_users, speed_users=a.speed_users, out=a.out,
+        overrides=tuple(a.overrides),
+    )  # fmt: skip
+
+
+def methods(name: str) -> dict[str, list[str]]:
+    """The LLM methods for one data set: config overrides on top of the data set's."""
+    out = {
+        "LLM zero-shot (generate, LLM only)": ["ranking.collab_weight=0"],
+        "hybrid zero-shot (generate + SASRec+)": [],
+        "hybrid zero-shot (SASRec+ top-20 -> LLM rerank)": RERANK,
+    }
+    adapter = ADAPTERS.get(name)
+    if adapter is not None and (adapter / "adapter_config.json").is_file():
+        lora = [f"generation.adapter={adapter}"]
+        out["LLM LoRA (generate, LLM only)"] = [*lora, "ranking.collab_weight=0"]
+        out["hybrid LoRA (SASRec+ top-20 -> LLM rerank)"] = [*lora, *RERANK]
+    return out
+
+
+_TRACES: dict[tuple, tuple[list[Trace], float]] = {}
+"""Traces per (generation config, mode, users): methods that differ only in fusion share them."""
+
+
+def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], float]:
+    """Traces in generation batches with a progress bar, and the wall time (cached per run)."""
+    from tqdm.auto import tqdm
+
+    key = (rec.config.generation.model_dump_json(), rec.config.ranking.mode,
+           rec.catalog.fingerprint(), tuple((ex.user_id, ex.target) for ex in examples))  # fmt: skip
+    if key in _TRACES:
+        return _TRACES[key]
+    size = rec.config.generation.batch_size
+    out: list[Trace] = []
+    start = time.perf_counter()
+    for b in tqdm(range(0, len(examples), size), desc=rec.generator.name, unit="batch"):
+        out.extend(rec.trace_batch([ex.history for ex in examples[b : b + size]], n=20))
+    _TRACES[key] = (out, time.perf_counter() - start)
+    return _TRACES[key]
+
+
+def tune(rec: Recommender, valid: list[Example], grid: tuple[float, ...]) -> tuple[float, dict]:
+    """The llm_weight with the best validation NDCG@10 (grid order breaks ties)."""
+    traces, _ = traces_for(rec, valid)
+    scores = {}
+    for w in grid:
+        ranking = rec.config.ranking.model_copy(update={"llm_weight": w, "collab_weight": 1.0})
+        lists = rec.fuse_traces(traces, n=10, ranking=ranking)
+        m = score_rankings([[r.item_id for r in x] for x in lists], [ex.target for ex in valid],
+                           ks=(10,), n_catalog=len(rec.catalog))  # fmt: skip
+        scores[w] = m.summary()["NDCG@10"]
+    best = max(grid, key=lambda w: (scores[w], -grid.index(w)))
+    return best, scores
+
+
+def latency(rec: Recommender, examples: list[Example]) -> float:
+    """Median seconds to recommend for one user (top-10 with explanations)."""
+    times = []
+    for ex in examples:
+        t0 = time.perf_counter()
+        rec.recommend(ex.history, n=10)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) if times else float("nan")
+
+
+def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, object]]:
+    base = load_config(overrides=[*DATASETS[name], *cfg.overrides])
+    dataset = data.load_data(base.data)
+    split = splits.split_dataset(dataset, base.data)
+    catalog = dataset.catalog
+    test, valid = list(split.test), list(split.valid)
+    rng = random.Random(cfg.seed)
+    valid_s = rng.sample(valid, k=min(cfg.valid_users, len(valid)))
+    gen_s = sorted(rng.sample(test, k=min(cfg.generate_users, len(test))), key=lambda e: e.user_id)
+    if cfg.test_users:
+        test = sorted(rng.sample(test, k=min(cfg.test_users, len(test))), key=lambda e: e.user_id)
+    popular = popular_items(split.train, catalog)
+    out = cfg.out / name
+    kw = {"catalog": catalog, "popular": popular, "ks": cfg.ks, "show_progress": False}
+    sasrec = Recommender.fit(base, dataset=dataset, split=split).scorer
+    rows = []
+    for label, scorer in (("most-popular", PopularityScorer().fit(split.train, catalog)),
+                          ("SASRec+", sasrec)):  # fmt: skip
+        ranker = ScorerRanker(label, scorer, catalog)
+        r = run_evaluation(ranker, test, run_dir=out / label, **kw)
+        rows.append(Row(r, r.info["users_per_s"], r.seconds / len(test), sample=False))
+        if label == "SASRec+":
+            r2 = run_evaluation(ScorerRanker("SASRec+ (sample)", sasrec, catalog), gen_s, **kw)
+            rows.append(Row(r2, r2.info["users_per_s"], r2.seconds / len(gen_s), sample=True))
+    for label, extra in methods(name).items():
+        rows.append(run_method(label, base, extra, dataset, split, test, valid_s, gen_s, cfg, kw))
+    meta = {"users": len(test), "items": len(catalog), "valid_sample": len(valid_s),
+            "generate_sample": len(gen_s), "interactions": dataset.report.n_interactions}  # fmt: skip
+    return rows, meta
+
+
+def run_method(
+    label: str, base: RecommenderConfig, extra: list[str], dataset, split, test, valid_s, gen_s,
+    cfg: BenchConfig, kw: dict,
+) -> Row:  # fmt: skip
+    overrides = [*cfg.overrides, *extra, f"ranking.retrieve={cfg.retrieve}"]
+    config = load_config(overrides=overrides, data=base.data.model_dump())
+    rec = Recommender.fit(config, dataset=dataset, split=split, show_progress=False)
+    notes: dict[str, object] = {"config": extra}
+    llm_only = config.ranking.collab_weight == 0
+    sample = config.ranking.mode == "generate"
+    if not llm_only:
+        best, grid = tune(rec, valid_s[: cfg.generate_users] if sample else valid_s, cfg.weights)
+        notes["valid NDCG@10 by llm_weight"] = {f"{w:g}": round(v, 4) for w, v in grid.items()}
+        notes["llm_weight"] = best
+        rec.config = rec.config.model_copy(
+            update={"ranking": rec.config.ranking.model_copy(update={"llm_weight": best})}
+        )
+    examples = gen_s if sample else test
+    traces, seconds = traces_for(rec, examples)
+    lists = rec.fuse_traces(traces, n=max(cfg.ks), ranking=rec.config.ranking)
+    ranker = ListRanker(label, {ex.user_id: [r.item_id for r in x]
+                                for ex, x in zip(examples, lists, strict=True)})  # fmt: skip
+    result = run_evaluation(ranker, examples, run_dir=cfg.out / dataset.name / slug(label),
+                            config=rec.config, extra=notes, **kw)  # fmt: skip
+    if sample:
+        notes.update({k: round(v, 3) for k, v in output_stats(traces).items()})
+    p50 = latency(rec, examples[: cfg.speed_users])
+    return Row(result, len(examples) / seconds, p50, sample=sample, notes=notes)
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+
+
+def table(rows: list[Row], ks: tuple[int, ...]) -> str:
+    cols = [f"{m}@{k}" for k in ks if k > 1 for m in ("HR", "NDCG")] + [
+        "MRR@10",
+        "COV@10",
+        "POP@10",
+    ]
+    head = ["method", "users", *cols, "users/s", "p50 s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        s = row.result.summary()
+        lines.append("| " + " | ".join([row.result.name, str(len(row.result.user_ids)),
+                     *(f"{s[c]:.4f}" for c in cols), f"{row.users_per_s:.1f}",
+                     f"{row.p50_s:.3f}"]) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        x, y = row.users_per_s, row.result.summary()["NDCG@10"]
+        ax.scatter([x], [y], marker="s" if row.sample else "o")
+        ax.annotate(row.result.name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("users/s on 2 CPU cores (log scale)")
+    ax.set_ylabel("NDCG@10 (test)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds: float) -> Path:
+    cmd = ".venv/bin/python eval/benchmark.py" + (
+        "" if cfg.datasets == BenchConfig.datasets else " --datasets " + " ".join(cfg.datasets)
+    )
+    cmd += "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in
+                   ("valid_users", "generate_users", "test_users", "speed_users")
+                   if getattr(cfg, k) != getattr(BenchConfig, k))  # fmt: skip
+    cmd += "".join(f" --set {o}" for o in cfg.overrides)
+    body = [
+        "# recgen benchmark: every method side by side\n",
+        f"Reproduce from the repository root: `{cmd}` ({seconds / 60:.0f} min).\n",
+        (
+            f"Machine: {platform.machine()}, 2 cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads); other jobs may have shared the cores. Seed "
+            f"{cfg.seed}; fusion weights tuned on {cfg.valid_users} validation users; square markers "
+            f"and rows marked (sample) are on {cfg.generate_users} seeded test users.\n"
+        ),
+    ]
+    for name, (rows, meta) in results.items():
+        full = [r for r in rows if not r.sample]
+        sampled = [r for r in rows if r.sample]
+        body += [
+            f"## {name}: {meta['users']} test users, {meta['items']} items\n",
+            table(rows, cfg.ks),
+            "\n### Paired tests against SASRec+ (all test users)\n",
+            compare([r.result for r in full], baseline="SASRec+"),
+        ]
+        if len(sampled) > 1:
+            body += ["\n### Paired tests against SASRec+ on the generation sample\n",
+                     compare([r.result for r in sampled], baseline="SASRec+ (sample)")]  # fmt: skip
+        body.append("\n### Notes per method (tuning grid, parse and grounding rates)\n")
+        for r in rows:
+            if r.notes:
+                body.append(f"- **{r.result.name}**: `{json.dumps(r.notes)}`")
+        png = cfg.out.with_name(f"benchmark-{name}.png")
+        plot(rows, png, f"{name}: quality against speed")
+        body.append(f"\n![quality against speed]({png.name})\n")
+    path = cfg.out.with_suffix(".md")
+    path.write_text("\n".join(body), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    cfg = parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    results = {name: run_dataset(name, cfg) for name in cfg.datasets}
+    path = report(cfg, results, time.perf_counter() - start)
+    print(path.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
