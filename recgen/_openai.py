@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 import httpx
 
+from recgen._candidates import CandidateMode
 from recgen.config import GenerationConfig
-from recgen.errors import ConfigError, DataError, ServerError
+from recgen.errors import ConfigError, ServerError
 from recgen.types import Generation, Prompt
 
 __all__ = ["ANSWER_LINE", "ANSWER_REGEX", "OpenAIGenerator", "distinct_texts"]
@@ -23,6 +24,7 @@ __all__ = ["ANSWER_LINE", "ANSWER_REGEX", "OpenAIGenerator", "distinct_texts"]
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 _CONTEXT_HINTS = ("context length", "maximum context", "too long", "max_model_len")
 _PROBE_TIMEOUT = 2.0
@@ -54,7 +56,7 @@ def distinct_texts(texts: Sequence[str]) -> tuple[list[str], list[int]]:
     return [texts[i] for i in kept], kept
 
 
-class OpenAIGenerator:
+class OpenAIGenerator(CandidateMode):
     """Generation on an OpenAI-compatible server (vLLM), ``config.concurrency`` requests at once.
 
     Each prompt is one ``POST {base_url}/chat/completions`` carrying every sampling parameter
@@ -72,7 +74,9 @@ class OpenAIGenerator:
     Structured outputs (vLLM's ``structured_outputs``; the older top-level ``guided_*`` fields
     are silently ignored by current vLLM) constrain every reply: ``config.structured = "answer"``
     sends :data:`ANSWER_REGEX`; ``structured_regex`` or ``structured_json`` (a JSON schema) set
-    another constraint. :meth:`rank_candidates` ranks a given candidate list with ``choice``.
+    another constraint. Candidate mode (see :class:`recgen._candidates.CandidateMode`):
+    :meth:`rank_candidates` ranks a given candidate list with ``choice``, and
+    :meth:`score_candidates` scores every listed candidate from the answer's first tokens.
 
     ``count_tokens`` asks the server's ``/tokenize`` endpoint when it answers; otherwise it
     estimates ``ceil(len(text) / 3)``, which over-counts English text (about 4 characters per
@@ -123,19 +127,27 @@ class OpenAIGenerator:
         """
         if not prompts:
             return []
-        return _run(self._generate_all(prompts))
+        return self._map(self._generate_one, prompts)
 
-    async def _generate_all(self, prompts: Sequence[Prompt]) -> list[Generation]:
+    def _map(
+        self, fn: Callable[[httpx.AsyncClient, X], Awaitable[T]], items: Sequence[X]
+    ) -> list[T]:
+        """``fn(client, item)`` for every item, ``config.concurrency`` at once, in order."""
+        return _run(self._map_async(fn, items))
+
+    async def _map_async(
+        self, fn: Callable[[httpx.AsyncClient, X], Awaitable[T]], items: Sequence[X]
+    ) -> list[T]:
         limit = asyncio.Semaphore(self.config.concurrency)
         async with self._client() as client:
 
-            async def one(prompt: Prompt) -> Generation:
+            async def one(item: X) -> T:
                 async with limit:
-                    return await self._generate_one(client, prompt)
+                    return await fn(client, item)
 
             try:
                 async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(one(p)) for p in prompts]
+                    tasks = [group.create_task(one(item)) for item in items]
             except BaseExceptionGroup as group_error:
                 raise _first_error(group_error) from None
         return [t.result() for t in tasks]
@@ -180,12 +192,21 @@ class OpenAIGenerator:
         self, client: httpx.AsyncClient, prompt: Prompt, body: dict[str, Any]
     ) -> list[str]:
         """POST one chat completion; its texts in choice order, or a ServerError."""
+        choices = await self._complete_json(client, prompt, body)
+        return [(ch["message"].get("content") or "").strip() for ch in choices]
+
+    async def _complete_json(
+        self, client: httpx.AsyncClient, prompt: Prompt, body: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """POST one chat completion; its choices in order (each with a ``message``)."""
         response = await self._post(client, body)
         if response.status_code != 200:
             await self._raise_refused(client, response, prompt)
         try:
             choices = sorted(response.json()["choices"], key=lambda ch: ch.get("index", 0))
-            return [(ch["message"].get("content") or "").strip() for ch in choices]
+            if not all(isinstance(ch["message"], dict) for ch in choices):
+                raise TypeError("message is not an object")
+            return choices
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ServerError(
                 f"the server at {self.base_url} sent a chat completion without choices/message "
@@ -266,105 +287,6 @@ class OpenAIGenerator:
             return [str(m["id"]) for m in response.json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return []
-
-    # ------------------------------------------------------------------ candidate mode
-
-    def rank_candidates(
-        self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]], *, k: int
-    ) -> list[Generation]:
-        """Rank each prompt's candidate titles with constrained choice (vLLM structured outputs).
-
-        Position ``r`` is one request whose reply must be exactly one of the candidates not yet
-        picked (``"structured_outputs": {"choice": [...]}``), continuing the assistant's own
-        answer so far (``continue_final_message``). This is the answer format's list, decoded
-        line by line under the constraint that each line is an unused candidate; the shared
-        prompt prefix is reused from vLLM's prefix cache. Prompts run concurrently.
-
-        Args:
-            prompts: Prompts that show the candidates (e.g. the ``rerank`` template).
-            candidates: For each prompt, the titles to choose from, exactly as the prompt
-                shows them (cleaned).
-            k: How many to rank (at most the number of candidates).
-
-        Returns:
-            One ``Generation`` per prompt with a single text in the answer format without
-            explanations (``1. <title>`` lines), best first.
-
-        Raises:
-            DataError: if ``prompts`` and ``candidates`` differ in length or a list is empty.
-            ConfigError: with beam search, which vLLM cannot combine with structured outputs.
-            ServerError: as :meth:`generate`.
-        """
-        if len(prompts) != len(candidates) or any(not c for c in candidates):
-            raise DataError(
-                f"rank_candidates needs one non-empty candidate list per prompt (got "
-                f"{len(prompts)} prompts and {[len(c) for c in candidates]} candidates)"
-            )
-        if self.config.num_beams > 1:
-            raise ConfigError(
-                f"candidate mode with generation.num_beams={self.config.num_beams}: vLLM cannot "
-                "combine structured outputs (choice) with beam search; set num_beams=1"
-            )
-        if not prompts:
-            return []
-        return _run(self._rank_all(prompts, candidates, k))
-
-    async def _rank_all(
-        self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]], k: int
-    ) -> list[Generation]:
-        limit = asyncio.Semaphore(self.config.concurrency)
-        async with self._client() as client:
-
-            async def one(prompt: Prompt, titles: Sequence[str]) -> Generation:
-                async with limit:
-                    return await self._rank_one(client, prompt, titles, k)
-
-            try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [
-                        group.create_task(one(p, c))
-                        for p, c in zip(prompts, candidates, strict=True)
-                    ]
-            except BaseExceptionGroup as group_error:
-                raise _first_error(group_error) from None
-        return [t.result() for t in tasks]
-
-    async def _rank_one(
-        self, client: httpx.AsyncClient, prompt: Prompt, titles: Sequence[str], k: int
-    ) -> Generation:
-        remaining = list(dict.fromkeys(titles))
-        lines: list[str] = []
-        for position in range(1, min(k, len(remaining)) + 1):
-            # The chat template strips the trailing newline of a continued message, so each
-            # later choice starts with it: the tokens match a freely written list.
-            lead = f"\n{position}. " if lines else f"{position}. "
-            body = self.choice_payload(prompt, [lead + t for t in remaining], answer=lines)
-            reply = (await self._complete(client, prompt, body))[0]
-            picked = reply.removeprefix(f"{position}.").strip()
-            if picked not in remaining:
-                _log.debug("choice reply %r is not a candidate; stopping at %d", reply, position)
-                break
-            remaining.remove(picked)
-            lines.append(f"{position}. {picked}")
-        return Generation(prompt=prompt, texts=("\n".join(lines),), model=self.name)
-
-    def choice_payload(
-        self, prompt: Prompt, choices: Sequence[str], *, answer: Sequence[str] = ()
-    ) -> dict[str, Any]:
-        """The JSON body of one candidate-mode request: greedy, one reply out of ``choices``.
-
-        Args:
-            prompt: The rendered prompt.
-            choices: The allowed replies.
-            answer: The answer lines already decoded; sent as an assistant message to continue.
-        """
-        body = self.payload(prompt)
-        body.update(n=1, temperature=0.0, top_p=1.0, structured_outputs={"choice": list(choices)})
-        body.pop("use_beam_search", None)
-        if answer:
-            body["messages"].append({"role": "assistant", "content": "\n".join(answer)})
-            body.update(continue_final_message=True, add_generation_prompt=False)
-        return body
 
     # ------------------------------------------------------------------ token counting
 

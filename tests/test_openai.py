@@ -143,6 +143,59 @@ def test_rank_candidates_many_prompts_and_bad_replies() -> None:
         beams.rank_candidates([PROMPT], [TITLES], k=1)
 
 
+def _listing(n: int) -> Prompt:
+    return Prompt(
+        messages=PROMPT.messages,
+        template="rerank",
+        template_hash="0",
+        user_id="u1",
+        candidates=tuple(str(i) for i in range(1, n + 1)),
+    )
+
+
+def _logprobs(top: dict[str, float]) -> dict[str, Any]:
+    entries = [{"token": t, "logprob": lp, "bytes": None} for t, lp in top.items()]
+    content = [{"token": next(iter(top)), "logprob": 0.0, "top_logprobs": entries}]
+    return {
+        "choices": [{"index": 0, "message": {"content": "1"}, "logprobs": {"content": content}}]
+    }
+
+
+def test_score_candidates_matches_the_verbalizer_definition() -> None:
+    first = {"1": -1.0, "2": -2.0, "3": -3.0, "9": -4.0}
+    after = {"1": {".": -0.1, "0": -0.5, "1": -0.7, "2": -3.0}, "2": {".": -0.2, "0": -0.3}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        answer = body["messages"][-1]["content"] if body.get("continue_final_message") else ""
+        return httpx.Response(200, json=_logprobs(after[answer] if answer else first))
+
+    gen, bodies = _generator(handler)
+    (scores,) = gen.score_candidates([_listing(12)])
+    assert len(scores) == 12
+    assert scores[0] == pytest.approx(-1.0 - 0.1)  # "1" then "."
+    assert scores[2] == pytest.approx(-3.0)  # "3" leads no two-digit number of 12
+    assert scores[9] == pytest.approx(-1.0 - 0.5)  # "10"
+    assert scores[11] == pytest.approx(-1.0 - 3.0)  # "12"
+    assert scores[4] == pytest.approx(-4.0 - 1.0)  # "5" was not returned: below the lowest
+    assert len(bodies) == 2  # the prompt, then the prompt continued with "1"
+    assert (bodies[0]["max_tokens"], bodies[0]["top_logprobs"], bodies[0]["logprobs"]) == (
+        1,
+        20,
+        True,
+    )
+    assert bodies[1]["messages"][-1] == {"role": "assistant", "content": "1"}
+    (short,) = gen.score_candidates([_listing(3)])
+    assert short == pytest.approx([-1.0, -2.0, -3.0])
+
+
+def test_score_candidates_needs_listed_candidates() -> None:
+    gen, _ = _generator(lambda r: httpx.Response(200, json=_logprobs({"1": -1.0})))
+    with pytest.raises(DataError, match="1 to 99 candidates"):
+        gen.score_candidates([PROMPT])
+    assert gen.score_candidates([]) == []
+
+
 # --------------------------------------------------------------------------- timeouts, retries
 
 

@@ -397,21 +397,11 @@ def test_structured_answer_replies_always_parse(
 def test_candidate_mode_ranks_the_given_candidates_with_the_prefix_cache(
     vllm_server: VLLMServer, tiny: dict[str, Any]
 ) -> None:
-    from recgen.interests import build_interest_state
-    from recgen.prompting import PromptRenderer, clean_text
-    from recgen.types import History
+    from recgen.prompting import clean_text
 
     catalog, config = tiny["catalog"], tiny["config"]
-    renderer = PromptRenderer(config.prompt.model_copy(update={"template": "rerank"}))
-    candidates = list(catalog.items[10:22])
-    titles = [clean_text(item.title, config.prompt.max_title_chars) for item in candidates]
-    prompts = [
-        renderer.render(
-            build_interest_state(History.create(ids), catalog, config.interests),
-            candidates=candidates,
-        )
-        for ids in (["1", "2", "3"], ["4", "5"])
-    ]
+    prompts = _rerank_prompts(tiny)
+    titles = [clean_text(it.title, config.prompt.max_title_chars) for it in catalog.items[10:22]]
     hits_before = _prefix_cache_hits(vllm_server)
     out = _served(tiny, vllm_server).rank_candidates(prompts, [titles, titles], k=4)
     for generation in out:
@@ -421,6 +411,36 @@ def test_candidate_mode_ranks_the_given_candidates_with_the_prefix_cache(
         assert len(set(picked)) == 4
         assert set(picked) <= set(titles)
     assert _prefix_cache_hits(vllm_server) > hits_before
+
+
+@pytest.mark.server
+def test_candidate_scores_through_vllm_match_the_in_process_verbalizer(
+    vllm_server: VLLMServer, tiny: dict[str, Any]
+) -> None:
+    prompts = _rerank_prompts(tiny)
+    served = _served(tiny, vllm_server).score_candidates(prompts)
+    local = _local(tiny).score_candidates(prompts)
+    for s, t in zip(served, local, strict=True):
+        assert len(s) == len(t) == 12
+        best = sorted(range(12), key=lambda k: -t[k])[:3]
+        assert sorted(range(12), key=lambda k: -s[k])[:3] == best
+        assert s[best[0]] == pytest.approx(t[best[0]], abs=0.05)
+
+
+def _rerank_prompts(tiny: dict[str, Any]) -> list[Any]:
+    from recgen.interests import build_interest_state
+    from recgen.prompting import PromptRenderer
+    from recgen.types import History
+
+    catalog, config = tiny["catalog"], tiny["config"]
+    renderer = PromptRenderer(config.prompt.model_copy(update={"template": "rerank"}))
+    return [
+        renderer.render(
+            build_interest_state(History.create(ids), catalog, config.interests),
+            candidates=list(catalog.items[10:22]),
+        )
+        for ids in (["1", "2", "3"], ["4", "5"])
+    ]
 
 
 def _prefix_cache_hits(server: VLLMServer) -> float:
