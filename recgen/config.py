@@ -190,8 +190,11 @@ class RankingConfig(_Config):
     retrieve: int = Field(default=20, ge=2, le=99)
     """Candidates retrieved for the LLM in ``rerank`` mode."""
 
-    llm_weight: float = Field(default=1.0, ge=0)
-    """Weight of the LLM signal (grounding similarity discounted by output rank)."""
+    llm_weight: float = Field(default=0.05, ge=0)
+    """Weight of the LLM signal (grounding similarity discounted by output rank; in rerank mode
+    the softmax of the candidate scores), against ``collab_weight`` on min-max-scaled scores.
+    0.05 was chosen on MovieLens-100K validation users for the zero-shot model
+    (``eval/reports/pipeline-valid.md``): larger weights let its picks push out better ones."""
     collab_weight: float = Field(default=1.0, ge=0)
     """Weight of the normalised collaborative score."""
     popularity_gamma: float = Field(default=0.0, ge=0)
