@@ -364,14 +364,14 @@ class Recommender:
                 "pass scorer=... or set collab.method to 'sasrec' or 'popular'"
             )
         scores = (
-            self.config.generation.backend in ("transformers", "fake")
+            self.config.generation.backend in ("transformers", "openai", "fake")
             if self._generator is None
             else isinstance(self._generator, generation.CandidateScorer)
         )
         if not scores:
             raise ConfigError(
                 f"generation backend {self.config.generation.backend!r} cannot score candidates "
-                "in one pass; use the transformers backend for ranking.mode='rerank'"
+                "in one pass; use the transformers or openai backend for ranking.mode='rerank'"
             )
 
     def _state(self, history: History) -> InterestState:
