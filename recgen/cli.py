@@ -198,6 +198,7 @@ def eval_cmd(
 
 @cli.command()
 @click.option("--model", default="embedded", show_default=True, help="Base or merged model folder.")
+@click.option("--name", help="The model name requests use (default: --model as given).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR", help="A LoRA adapter.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, help="0 picks a free port.")
@@ -209,6 +210,7 @@ def eval_cmd(
 @click.option("--install/--no-install", default=True, help="Create --venv if it is missing.")
 def serve(
     model: str,
+    name: str | None,
     adapters: tuple[str, ...],
     host: str,
     port: int,
@@ -221,11 +223,11 @@ def serve(
     from recgen import serving
 
     pairs = [a.partition("=") for a in adapters]
-    if any(not name or not sep or not path for name, sep, path in pairs):
+    if any(not key or not sep or not path for key, sep, path in pairs):
         raise click.BadParameter("use NAME=DIR, e.g. ml-lora=runs/ml-lora", param_hint="--adapter")
     cfg = serving.ServeConfig(
-        model=model, adapters={name: path for name, _, path in pairs}, host=host, port=port,
-        dtype=dtype, venv=venv, enforce_eager=not compiled,  # type: ignore[arg-type]
+        model=model, served_name=name, adapters={key: path for key, _, path in pairs},
+        host=host, port=port, dtype=dtype, venv=venv, enforce_eager=not compiled,  # type: ignore[arg-type]
     )  # fmt: skip
     python = serving.ensure_vllm_env(venv) if install else serving.vllm_python(venv)
     server = serving.VLLMServer(cfg, python=python)
