@@ -482,10 +482,17 @@ class Recommender:
             show_progress: Show progress bars for training and indexing.
             **values: Top-level config keys or whole sections.
         """
-        if not isinstance(config, RecommenderConfig):
-            config = load_config(config, overrides=list(overrides), **values)
-        dataset = data.load_data(config.data)
-        return cls.fit(config, dataset=dataset, show_progress=show_progress)
+        if isinstance(config, RecommenderConfig):
+            if overrides or values:
+                raise ConfigError(
+                    "from_config got a RecommenderConfig and overrides: apply them to the "
+                    "config first (config.model_copy(update=...)) or pass a TOML path"
+                )
+            cfg = config
+        else:
+            cfg = load_config(config, overrides=list(overrides), **values)
+        dataset = data.load_data(cfg.data)
+        return cls.fit(cfg, dataset=dataset, show_progress=show_progress)
 
     @classmethod
     def fit(

@@ -57,7 +57,7 @@ class Item:
 
     item_id: str
     title: str
-    attributes: Mapping[str, AttrValue] = field(default_factory=dict)
+    attributes: Mapping[str, AttrValue] = field(default_factory=dict[str, AttrValue])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +161,7 @@ class History:
                 events.append(el)
             elif isinstance(el, str):
                 events.append(Event(item_id=el))
-            elif isinstance(el, Mapping) and "item_id" in el:
+            elif isinstance(el, Mapping) and "item_id" in el:  # pyright: ignore[reportUnnecessaryIsInstance]
                 ts, rating = el.get("timestamp"), el.get("rating")
                 events.append(
                     Event(
@@ -197,7 +197,7 @@ class LoadReport:
     n_users: int
     n_items: int
     n_interactions: int
-    dropped: Mapping[str, int] = field(default_factory=dict)
+    dropped: Mapping[str, int] = field(default_factory=dict[str, int])
     notes: tuple[str, ...] = ()
 
 
@@ -248,7 +248,7 @@ class Split:
     valid: tuple[Example, ...]
     test: tuple[Example, ...]
     seed: int
-    info: Mapping[str, object] = field(default_factory=dict)
+    info: Mapping[str, object] = field(default_factory=dict[str, object])
 
 
 # --------------------------------------------------------------------------- the LLM pipeline

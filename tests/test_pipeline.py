@@ -342,3 +342,8 @@ def test_real_pipeline_greedy_is_reproducible_and_batch_equals_single(real_recom
     batch = [[r.item_id for r in recs] for recs in rec.recommend_batch(histories, n=10)]
     single = [[r.item_id for r in rec.recommend(h, n=10)] for h in histories]
     assert batch == single
+
+
+def test_from_config_refuses_overrides_it_would_silently_drop() -> None:
+    with pytest.raises(ConfigError, match="apply them to the config first"):
+        Recommender.from_config(RecommenderConfig(), overrides=["n=5"])
