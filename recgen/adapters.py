@@ -307,7 +307,23 @@ def train_adapter(
 
     out = Path(out_dir)
     _check_resume(config, out, resume)
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _train(config, out, resume=resume, split=split, catalog=catalog,
+                      real_time=real_time, show_progress=show_progress, stop_after=stop_after,
+                      cache_data=cache_data)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    config: FinetuneConfig, out: Path, *, resume: bool, split: Split | None,
+    catalog: Catalog | None, real_time: bool, show_progress: bool, stop_after: int | None,
+    cache_data: bool,
+) -> dict[str, Any]:  # fmt: skip
+    import torch
+
     split, catalog, real_time = _data(config, split, catalog, real_time)
     tokenizer, base = load_base(config.base_model, dtype=config.dtype)
     train, valid, hashes = build_datasets(

@@ -166,6 +166,16 @@ def test_dataset_is_deterministic(tiny: tuple[Any, Any]) -> None:
     assert other["answer"] != first["answer"]
 
 
+def test_continual_update_mixes_new_targets_with_a_replay_share(tiny: tuple[Any, Any]) -> None:
+    _, split = tiny
+    cut = 978_320_000.0
+    train, _, _ = _build(tiny, new_since=cut, replay=0.25, samples=40)
+    times = {(user, e.item_id): e.timestamp for user, h in split.train.items() for e in h.events}
+    new = [times[(r["user_id"], r["target"])] > cut for r in train]
+    assert sum(new) == 30  # (1 - replay) of the 40 examples target interactions after the cut
+    assert len(new) - sum(new) == 10
+
+
 def test_too_long_examples_are_dropped() -> None:
     tok = FakeTokenizer()
     messages = (Message(role="user", content="word " * 50),)
@@ -260,6 +270,7 @@ MODEL_TINY: dict[str, Any] = {
     "eval_every": 4,
     "checkpoint_every": 100,
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "threads": 1,
 }
 
 
