@@ -29,7 +29,7 @@ from recgen.adapter_data import (
     build_datasets,
     row_prompt,
 )
-from recgen.config import dump_config, load_config
+from recgen.config import PromptConfig, dump_config, load_config
 from recgen.errors import ConfigError, IndexMismatchError
 from recgen.types import Catalog, Split
 from recgen.verbalizer import candidate_scores
@@ -43,6 +43,7 @@ __all__ = [
     "base_model_id",
     "candidate_scores",
     "check_adapter",
+    "inference_prompt",
     "load_adapter_meta",
     "load_base",
     "merge_adapter",
@@ -220,6 +221,21 @@ def check_adapter(
                 "prompt changed since training: retrain the adapter or restore the template"
             )
     return meta
+
+
+def inference_prompt(folder: str | Path, *, template: str = "rerank") -> PromptConfig:
+    """The prompt settings an adapter's ``template`` examples were rendered with.
+
+    Render inference prompts with these (and the adapter's ``interests`` config, in
+    ``load_adapter_meta(folder)["config"]["interests"]``) so they match what the adapter saw:
+    rerank examples ask for one pick (``n_titles=1``) and use the training token budget.
+
+    Raises:
+        ConfigError: if the folder is not a recgen adapter.
+    """
+    config = FinetuneConfig.model_validate(load_adapter_meta(folder)["config"])
+    n_titles = 1 if template == "rerank" else config.prompt.n_titles
+    return config.prompt.model_copy(update={"template": template, "n_titles": n_titles})
 
 
 # --------------------------------------------------------------------------- merge

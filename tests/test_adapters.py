@@ -23,6 +23,7 @@ from recgen.adapter_data import (
 from recgen.adapters import (
     META_FILE,
     check_adapter,
+    inference_prompt,
     load_adapter_meta,
     merge_adapter,
     train_adapter,
@@ -220,6 +221,9 @@ def test_adapter_metadata_round_trips(tmp_path: Path) -> None:
     assert meta == load_adapter_meta(adapter)
     assert meta["template_hashes"] == {"rerank": "abc"}
     assert load_config(adapter / "finetune.toml", model=FinetuneConfig).base_model == str(base)
+    prompt = inference_prompt(adapter)
+    assert (prompt.template, prompt.n_titles) == ("rerank", 1)
+    assert prompt.max_prompt_tokens == FinetuneConfig().prompt.max_prompt_tokens
 
 
 def test_adapter_refuses_another_base_or_template(tmp_path: Path) -> None:
