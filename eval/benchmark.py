@@ -19,7 +19,9 @@ seeded sample of validation users; the test split is read once per method.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import pickle
 import platform
 import random
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recgen import data, splits
+from recgen import __version__, data, splits
 from recgen.collab import PopularityScorer
 from recgen.config import RecommenderConfig, load_config
 from recgen.evaluate import (
@@ -127,25 +129,36 @@ def methods(name: str) -> dict[str, list[str]]:
     return out
 
 
-_TRACES: dict[tuple, tuple[list[Trace], float]] = {}
-"""Traces per (generation config, mode, users): methods that differ only in fusion share them."""
+TRACE_CACHE = ROOT / ".cache" / "benchmark-traces"
+"""Traces per (generation config, prompt config, mode, template, users, recgen version): methods
+that differ only in fusion share them, and a re-run (e.g. once an adapter is trained) computes
+only what is new. Delete the folder to recompute everything."""
 
 
 def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], float]:
-    """Traces in generation batches with a progress bar, and the wall time (cached per run)."""
+    """Traces in generation batches with a progress bar, and the wall time (cached on disk)."""
     from tqdm.auto import tqdm
 
-    key = (rec.config.generation.model_dump_json(), rec.config.ranking.mode,
-           rec.catalog.fingerprint(), tuple((ex.user_id, ex.target) for ex in examples))  # fmt: skip
-    if key in _TRACES:
-        return _TRACES[key]
+    key = hashlib.sha256(json.dumps([
+        rec.config.generation.model_dump(), rec.config.prompt.model_dump(),
+        rec.config.interests.model_dump(), rec.config.ranking.mode, rec.config.ranking.retrieve,
+        rec.renderer.template_hash, rec.catalog.fingerprint(), __version__,
+        [(ex.user_id, ex.target) for ex in examples],
+    ], sort_keys=True, default=str).encode()).hexdigest()[:20]  # fmt: skip
+    path = TRACE_CACHE / f"{key}.pkl"
+    if path.is_file():
+        with path.open("rb") as f:
+            return pickle.load(f)
     size = rec.config.generation.batch_size
     out: list[Trace] = []
     start = time.perf_counter()
     for b in tqdm(range(0, len(examples), size), desc=rec.generator.name, unit="batch"):
         out.extend(rec.trace_batch([ex.history for ex in examples[b : b + size]], n=20))
-    _TRACES[key] = (out, time.perf_counter() - start)
-    return _TRACES[key]
+    result = (out, time.perf_counter() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        pickle.dump(result, f)
+    return result
 
 
 def tune(rec: Recommender, valid: list[Example], grid: tuple[float, ...]) -> tuple[float, dict]:

@@ -195,7 +195,8 @@ def write_report(
         (
             f"\nMachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
             f"{torch.__version__}. Latency is per call of `recommend_batch`: with batch 1 it is the "
-            "latency for one user.\n"
+            "latency for one user. Other jobs may have shared the 2 cores during the run (the "
+            "numbers are then pessimistic); run with `OMP_WAIT_POLICY=PASSIVE` when they do.\n"
         ),
     ]
     path = out.with_suffix(".md")
