@@ -243,3 +243,9 @@ def main() -> None:
     except RecgenError as e:
         _console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None
+
+
+from recgen.cli_finetune import adapter, finetune  # registered last: fine-tuning commands
+
+cli.add_command(finetune)
+cli.add_command(adapter)

@@ -422,3 +422,22 @@ def test_prefix_tuning_trains_and_scores(tiny: tuple[Any, Any], tmp_path: Path) 
     assert load_adapter_meta(tmp_path / "prefix")["method"] == "prefix"
     with pytest.raises(ConfigError, match="prefix-tuning"):
         merge_adapter(tmp_path / "prefix", tmp_path / "merged")
+
+
+@pytest.mark.model
+def test_continual_update_starts_from_the_adapter(
+    tiny: tuple[Any, Any], lora_run: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    summary = _train(
+        tiny, tmp_path / "continued", init_adapter=str(lora_run), new_since=978_320_000.0,
+        replay=0.5, lr=1e-12, max_steps=1, eval_every=1, batch_size=1,
+    )  # fmt: skip
+    assert summary["steps"] == 1
+    before = load_file(lora_run / "adapter_model.safetensors")
+    after = load_file(tmp_path / "continued" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert all((before[k] - after[k]).abs().max() < 1e-6 for k in before)  # lr ~ 0: unchanged
+    meta = load_adapter_meta(tmp_path / "continued")
+    assert meta["config"]["init_adapter"] == str(lora_run)
