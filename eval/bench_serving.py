@@ -2,8 +2,8 @@
 
 Users/s and p50/p95 latency per user at 1, 8 and 32 concurrent users, with a LoRA adapter served
 unmerged (vLLM ``--lora-modules``, peft in-process) and merged into the weights
-(``merge_and_unload``, served as a plain model). Reproduce the committed report (about 10 minutes
-on 2 CPU cores, after ``make vllm``):
+(``merge_and_unload``, served as a plain model). Reproduce the committed report (after
+``make vllm``; about 10 minutes on 2 idle cores, much longer when other jobs share them):
 
     HF_HUB_OFFLINE=1 .venv/bin/python eval/bench_serving.py
 
@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ import numpy as np
 
 from recgen import data, splits
 from recgen.config import RecommenderConfig, load_config
+from recgen.errors import ServerError
 from recgen.generation import OpenAIGenerator, TransformersGenerator, embedded_model_dir
 from recgen.pipeline import Recommender
 from recgen.serving import ServeConfig, VLLMServer, vllm_python
@@ -55,9 +56,9 @@ class BenchConfig:
 
     levels: tuple[int, ...] = (1, 8, 32)
     """Concurrent users."""
-    users: tuple[int, ...] = (4, 16, 32)
+    users: tuple[int, ...] = (2, 8, 32)
     """Users timed at each level (a multiple of the level)."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 32
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     adapter: Path | None = None
     """A trained LoRA adapter folder; None: a random stand-in (r=16 on q,k,v,o)."""
@@ -130,15 +131,35 @@ class Cell:
     users: int
     seconds: float
     latencies: tuple[float, ...]
+    load: float = 0.0
+    """The 1-minute load average when the cell ended (the machine is shared)."""
+    failed: str = ""
 
     def row(self) -> str:
+        head = f"| {self.backend} | {self.adapter} | {self.level} | {self.users} |"
+        if self.failed:
+            return f"{head} failed: {self.failed} | | | {self.load:.1f} |"
         lat = np.array(self.latencies)
         p50, p95 = np.percentile(lat, 50), np.percentile(lat, 95)
         rate = self.users / self.seconds
-        return (
-            f"| {self.backend} | {self.adapter} | {self.level} | {self.users} | {rate:.2f} | "
-            f"{p50:.1f} | {p95:.1f} |"
-        )
+        return f"{head} {rate:.2f} | {p50:.1f} | {p95:.1f} | {self.load:.1f} |"
+
+
+def measure(
+    timer: Callable[[Recommender, Sequence[History], int], Cell],
+    rec: Recommender,
+    histories: Sequence[History],
+    level: int,
+    label: tuple[str, str],
+) -> Cell:
+    """One timed cell; a server that gives up becomes a failed row, not a crash."""
+    try:
+        cell = timer(rec, histories, level)
+    except ServerError as e:
+        cell = Cell("", "", level, len(histories), 0.0, (), failed=str(e).split(";")[0])
+    cell = replace(cell, backend=label[0], adapter=label[1], load=os.getloadavg()[0])
+    print(cell.row(), flush=True)
+    return cell
 
 
 def time_served(rec: Recommender, histories: Sequence[History], level: int) -> Cell:
@@ -178,16 +199,17 @@ def run_levels(
     label: tuple[str, str],
 ) -> list[Cell]:
     timer(rec, histories[: cfg.levels[0]], cfg.levels[0])  # warm-up (not timed)
-    cells = []
-    for level, n_users in zip(cfg.levels, cfg.users, strict=True):
-        cell = timer(rec, histories[:n_users], level)
-        cell = Cell(label[0], label[1], level, cell.users, cell.seconds, cell.latencies)
-        print(cell.row(), flush=True)
-        cells.append(cell)
-    return cells
+    return [
+        measure(timer, rec, histories[:n_users], level, label)
+        for level, n_users in zip(cfg.levels, cfg.users, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------- main
+
+
+_PATIENT = {"timeout": 900, "max_retries": 1}
+"""32 requests in flight on two shared cores can take minutes each: wait rather than resend."""
 
 
 def pipeline_config(cfg: BenchConfig, **generation: Any) -> RecommenderConfig:
@@ -237,7 +259,9 @@ def main() -> None:
         with VLLMServer(serve_cfg, python=python) as server:
             started[name] = time.perf_counter() - t0
             model = "lora" if name == "unmerged" else "merged"
-            config = pipeline_config(cfg, backend="openai", base_url=server.base_url, model=model)
+            config = pipeline_config(
+                cfg, backend="openai", base_url=server.base_url, model=model, **_PATIENT
+            )
             rec = recommender(config, OpenAIGenerator(config.generation))
             cells += run_levels(time_served, rec, histories, cfg, label=("vLLM", name))
     write_report(cfg, command, cells, started=started, load=load)
@@ -257,10 +281,7 @@ def run_local(
         rec.generator = generator.with_config(
             generator.config.model_copy(update={"batch_size": level})
         )
-        cell = time_local(rec, histories[:n_users], level)
-        cell = Cell("transformers", name, level, cell.users, cell.seconds, cell.latencies)
-        print(cell.row(), flush=True)
-        cells.append(cell)
+        cells.append(measure(time_local, rec, histories[:n_users], level, ("transformers", name)))
     return cells
 
 
@@ -295,11 +316,13 @@ def write_report(
         (
             "vLLM: *c* client threads each run `recommend` for their own users (one request each). "
             "transformers: *c* users per `recommend_batch` call (batch size *c*), so every user of a "
-            "batch waits for the whole batch. Latency is per user, in seconds, for the whole pipeline."
+            "batch waits for the whole batch. Latency is per user, in seconds, for the whole pipeline. "
+            "load: the machine's 1-minute load average when the cell ended (2 cores; other "
+            "people's jobs ran at the same time)."
         ),
         "",
-        "| backend | adapter | concurrent users | users timed | users/s | p50 s | p95 s |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | adapter | concurrent users | users timed | users/s | p50 s | p95 s | load |",
+        "|---|---|---|---|---|---|---|---|",
         *[cell.row() for cell in cells],
         "",
         "Server start-up (to /health): "

@@ -230,14 +230,20 @@ class OpenAIGenerator(CandidateMode):
                 problem = f"HTTP {response.status_code}: {_message(response)}"
                 delay = _retry_after(response, default=delay)
             if attempt + 1 < tries:
-                _log.warning("%s failed (%s); retry %d in %.1f s", url, problem, attempt + 1, delay)
+                _log.warning(
+                    "%s failed (%s); retry %d in %.1f s",
+                    url,
+                    _describe(problem),
+                    attempt + 1,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         raise self._unreachable(problem, tries)
 
     def _unreachable(self, problem: Exception | str, tries: int) -> ServerError:
         if isinstance(problem, httpx.ConnectError | httpx.ConnectTimeout):
             return ServerError(
-                f"no server at {self.base_url} ({problem}; {tries} tries): start one with "
+                f"no server at {self.base_url} ({_describe(problem)}; {tries} tries): start one with "
                 "`recgen serve` (or `python -m vllm.entrypoints.openai.api_server --model DIR "
                 "--host 127.0.0.1`), or set generation.base_url to a running server"
             )
@@ -247,7 +253,7 @@ class OpenAIGenerator(CandidateMode):
                 f"({tries} tries); raise generation.timeout or lower generation.concurrency"
             )
         return ServerError(
-            f"the server at {self.base_url} kept failing ({problem}; {tries} tries); see the "
+            f"the server at {self.base_url} kept failing ({_describe(problem)}; {tries} tries); see the "
             "server's log"
         )
 
@@ -337,6 +343,13 @@ def _message(response: httpx.Response) -> str:
         if isinstance(error, str):
             return error
     return response.text[:300]
+
+
+def _describe(problem: Exception | str) -> str:
+    """An exception as ``Type: message`` (httpx timeouts have empty messages)."""
+    if isinstance(problem, Exception):
+        return f"{type(problem).__name__}: {problem}" if str(problem) else type(problem).__name__
+    return problem
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
