@@ -46,7 +46,7 @@ $(VLLM_VENV)/.installed: constraints.txt
 
 vllm: $(VLLM_VENV)/.installed
 
-# Starts one real vLLM server (embedded model, CPU) for the whole session: about 2 minutes.
+# One real vLLM server (embedded model, CPU) for the whole module: ~5 min on a busy 2-core machine.
 test-server: setup vllm
 	RECGEN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m server -p no:cacheprovider tests/test_serving.py
 
