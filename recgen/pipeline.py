@@ -19,6 +19,7 @@ import numpy as np
 
 from recgen import (
     __version__,
+    adapters,
     collab,
     data,
     evaluate,
@@ -126,6 +127,8 @@ class Recommender:
                 config.prompt.model_copy(update={"template": config.prompt.rerank_template}),
                 count_tokens=self._count_tokens,
             )
+        if config.generation.adapter and config.generation.backend == "transformers":
+            self._use_adapter(config.generation.adapter)
         self._by_title = {item.title.casefold(): item.item_id for item in catalog}
 
     @property
@@ -355,6 +358,22 @@ class Recommender:
             n=n,
             config=config,
             explain=lambda item: _profile_explanation(item, state),
+        )
+
+    def _use_adapter(self, folder: str) -> None:
+        """Refuse an adapter trained on another base model or template version; in rerank mode
+        render prompts exactly as its rerank examples were (one pick, its token budget)."""
+        template = self.renderer.template
+        if self.config.ranking.mode == "rerank":
+            self.renderer = prompting.PromptRenderer(
+                adapters.inference_prompt(folder, template=template),
+                count_tokens=self._count_tokens,
+            )
+        adapters.check_adapter(
+            folder,
+            base_model=self.config.generation.model,
+            template=template,
+            template_hash=self.renderer.template_hash,
         )
 
     def _check_rerank(self) -> None:

@@ -347,3 +347,29 @@ def test_real_pipeline_greedy_is_reproducible_and_batch_equals_single(real_recom
 def test_from_config_refuses_overrides_it_would_silently_drop() -> None:
     with pytest.raises(ConfigError, match="apply them to the config first"):
         Recommender.from_config(RecommenderConfig(), overrides=["n=5"])
+
+
+@pytest.mark.model
+def test_an_adapter_trained_on_another_template_version_is_refused(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from recgen.errors import IndexMismatchError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(Path(__file__).parents[1] / "finetune" / "adapters" / "ml100k-lora", adapter)
+    meta = json.loads((adapter / "recgen_adapter.json").read_text())
+    meta["template_hashes"]["rerank"] = "0000000000000000"
+    (adapter / "recgen_adapter.json").write_text(json.dumps(meta))
+    config = load_config(
+        overrides=[
+            "grounding.encoder=hash",
+            "ranking.mode=rerank",
+            f"generation.adapter={adapter}",
+        ]
+    )
+    catalog = _catalog()
+    index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
+    scorer = PopularityScorer().fit({"a": History.create(["1", "2"])}, catalog)
+    with pytest.raises(IndexMismatchError, match="prompt changed since training"):
+        Recommender(config, catalog=catalog, generator=FakeGenerator(), index=index, scorer=scorer)
