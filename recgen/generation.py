@@ -308,7 +308,8 @@ class TransformersGenerator:
         return scores
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
-        """Generate for ``prompts`` in batches of ``config.batch_size``.
+        """Generate for ``prompts`` in batches of ``config.batch_size`` (one at a time with a
+        prefix-tuning adapter, whose batched output differs).
 
         Returns:
             One ``Generation`` per prompt; its texts are the distinct returned sequences, best
@@ -319,6 +320,11 @@ class TransformersGenerator:
         torch.manual_seed(self.config.seed)
         out: list[Generation] = []
         size = self.config.batch_size
+        if getattr(getattr(self.model, "active_peft_config", None), "is_prompt_learning", False):
+            # Batched, left-padded generation with prefix-tuning's virtual tokens gives other
+            # greedy outputs than one prompt at a time (seen with peft 0.21 / transformers 5.23),
+            # so prefix adapters generate prompt by prompt: slower, but the output is right.
+            size = 1
         for start in range(0, len(prompts), size):
             out.extend(self._generate_batch(prompts[start : start + size]))
         return out

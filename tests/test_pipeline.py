@@ -307,6 +307,7 @@ def real_recommender(shared_data: Path) -> tuple[Recommender, list]:
             f"data.source={shared_data / 'ml-100k'}",
             "collab.method=popular",
             "generation.dtype=float32",
+            "ranking.llm_weight=1.0",  # let grounded LLM titles into the top 10
         ]
     )
     dataset = data.load_data(config.data)
@@ -330,8 +331,13 @@ def test_real_pipeline_grounds_llm_titles_to_unseen_catalog_items(real_recommend
         assert trace.prompt.template_hash
         assert trace.generation is not None
         assert trace.generation.texts
+    grounded = [g for t in traces if t.grounding for g in t.grounding.grounded]
+    assert grounded, "the embedded LLM's titles never grounded to a catalog item"
+    for t in traces:
+        assert t.grounding is not None
+        assert not {g.item_id for g in t.grounding.grounded} & set(t.history.item_ids)
     llm = [r for t in traces for r in t.recommendations if r.source in ("llm", "hybrid")]
-    assert llm, "the embedded LLM's titles never grounded to a catalog item"
+    assert llm, "no grounded LLM title reached the top 10 at llm_weight=1"
     assert all(r.match in ("exact", "semantic") and r.similarity is not None for r in llm)
 
 
