@@ -135,6 +135,14 @@ that differ only in fusion share them, and a re-run (e.g. once an adapter is tra
 only what is new. Delete the folder to recompute everything."""
 
 
+def adapter_digest(adapter: str | None) -> str:
+    """A hash of the adapter's weights, so a retrained adapter never reuses cached traces."""
+    if adapter is None:
+        return ""
+    files = sorted(Path(adapter).glob("*.safetensors")) + sorted(Path(adapter).glob("*.bin"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], float]:
     """Traces in generation batches with a progress bar, and the wall time (cached on disk)."""
     from tqdm.auto import tqdm
@@ -144,7 +152,8 @@ def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], 
         rec.config.interests.model_dump(), rec.config.ranking.mode, rec.config.ranking.retrieve,
         rec.renderer.template_hash, rec.catalog.fingerprint(), __version__,
         [(ex.user_id, ex.target) for ex in examples],
-    ], sort_keys=True, default=str).encode()).hexdigest()[:20]  # fmt: skip
+    ] + ([adapter_digest(rec.config.generation.adapter)] if rec.config.generation.adapter else []),
+        sort_keys=True, default=str).encode()).hexdigest()[:20]  # fmt: skip
     path = TRACE_CACHE / f"{key}.pkl"
     if path.is_file():
         with path.open("rb") as f:
