@@ -327,31 +327,9 @@ def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> 
 
 
 def _sasrec(split: Split, catalog: Catalog) -> collab.Scorer:
-    """SASRec fitted on the training split (validation NDCG for early stopping), cached.
-
-    The cache key is the pipeline's (``recgen.pipeline._cached_scorer`` with the default
-    collab config), so training negatives come from the retriever the pipeline uses.
-    """
-    config = CollabConfig(method="sasrec")
-    key = hashlib.sha256(
-        json.dumps(
-            [catalog.fingerprint(), config.model_dump(), split.protocol, split.seed,
-             sorted((u, h.item_ids) for u, h in split.train.items()),
-             [(ex.user_id, ex.target) for ex in split.valid]],
-            sort_keys=True, default=str,
-        ).encode()
-    ).hexdigest()[:16]  # fmt: skip
-    path = cache_dir("collab", f"sasrec-{key}")
-    try:
-        return collab.load_scorer(path, catalog=catalog)
-    except (FileNotFoundError, ValueError):
-        pass
-    scorer = collab.fit_scorer(
-        config, train=split.train, catalog=catalog,
-        validate=evaluate.validation_callback(split.valid, catalog),
-    )  # fmt: skip
-    scorer.save(path)  # type: ignore[attr-defined]
-    return scorer
+    """SASRec fitted on the training split, cached under the pipeline's key (the default
+    collab config), so training negatives come from the retriever the pipeline uses."""
+    return evaluate.cached_scorer(CollabConfig(method="sasrec"), split=split, catalog=catalog)
 
 
 # --------------------------------------------------------------------------- examples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -15,17 +16,18 @@ import tomli_w
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from recgen.collab import Scorer
-from recgen.config import dump_config
-from recgen.errors import DataError
+from recgen.collab import Scorer, fit_scorer, load_scorer
+from recgen.config import CollabConfig, cache_dir, dump_config
+from recgen.errors import ConfigError, DataError, IndexMismatchError
 from recgen.metrics import DEFAULT_KS, Metrics, paired_test, score_rankings
 from recgen.ranking import top_n_batch
-from recgen.types import Catalog, Example, History, Ranker
+from recgen.types import Catalog, Example, History, Ranker, Split
 
 __all__ = [
     "EvalResult",
     "ListRanker",
     "ScorerRanker",
+    "cached_scorer",
     "compare",
     "popular_items",
     "run_evaluation",
@@ -306,3 +308,38 @@ def compare(
             cells += [f"{t.diff:+.4f}", f"{t.p_t:.2g}", f"{t.p_wilcoxon:.2g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cached_scorer(
+    config: CollabConfig, *, split: Split, catalog: Catalog, show_progress: bool = True
+) -> Scorer:
+    """The configured collaborative scorer, fitted once (early-stopped on ``split.valid``) per
+    catalog, training data, validation targets and collab config, then reloaded from recgen's
+    cache; another split never matches the key.
+
+    Raises:
+        ConfigError: for ``method="none"``.
+    """
+    key = hashlib.sha256(
+        json.dumps(
+            [catalog.fingerprint(), config.model_dump(), split.protocol, split.seed,
+             sorted((u, h.item_ids) for u, h in split.train.items()),
+             [(ex.user_id, ex.target) for ex in split.valid]],
+            sort_keys=True, default=str,
+        ).encode()
+    ).hexdigest()[:16]  # fmt: skip
+    path = cache_dir("collab", f"{config.method}-{key}")
+    try:
+        return load_scorer(path, catalog=catalog)
+    except (ConfigError, IndexMismatchError, FileNotFoundError):
+        pass
+    scorer = fit_scorer(
+        config,
+        train=split.train,
+        catalog=catalog,
+        validate=validation_callback(split.valid, catalog),
+        show_progress=show_progress,
+    )
+    if hasattr(scorer, "save"):
+        scorer.save(path)  # type: ignore[attr-defined]
+    return scorer

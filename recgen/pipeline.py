@@ -6,7 +6,6 @@ This is the only module that composes the stages; each stage stays ignorant of t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -533,8 +532,8 @@ class Recommender:
         popularity = _counts(split.train, catalog)
         scorer = None
         if config.collab.method != "none":
-            scorer = _cached_scorer(
-                config, split=split, catalog=catalog, show_progress=show_progress
+            scorer = evaluate.cached_scorer(
+                config.collab, split=split, catalog=catalog, show_progress=show_progress
             )
         encoder = grounding.make_encoder(config.grounding)
         index_dir = cache_dir("index", f"{catalog.fingerprint()}-{encoder.name.replace('/', '_')}")
@@ -608,36 +607,6 @@ class Recommender:
             popularity=np.load(path / "popularity.npy"),
             real_time=bool(meta.get("real_time", True)),
         )
-
-
-def _cached_scorer(
-    config: RecommenderConfig, *, split: Split, catalog: Catalog, show_progress: bool
-) -> collab.Scorer:
-    """The configured collaborative scorer, fitted once per catalog, training data, validation
-    targets and collab config, then reloaded from the cache (another split never matches)."""
-    key = hashlib.sha256(
-        json.dumps(
-            [catalog.fingerprint(), config.collab.model_dump(), split.protocol, split.seed,
-             sorted((u, h.item_ids) for u, h in split.train.items()),
-             [(ex.user_id, ex.target) for ex in split.valid]],
-            sort_keys=True, default=str,
-        ).encode()
-    ).hexdigest()[:16]  # fmt: skip
-    path = cache_dir("collab", f"{config.collab.method}-{key}")
-    try:
-        return collab.load_scorer(path, catalog=catalog)
-    except (ConfigError, IndexMismatchError, FileNotFoundError):
-        pass
-    scorer = collab.fit_scorer(
-        config.collab,
-        train=split.train,
-        catalog=catalog,
-        validate=evaluate.validation_callback(split.valid, catalog),
-        show_progress=show_progress,
-    )
-    if hasattr(scorer, "save"):
-        scorer.save(path)  # type: ignore[attr-defined]
-    return scorer
 
 
 def _counts(train: Mapping[str, History], catalog: Catalog) -> np.ndarray:

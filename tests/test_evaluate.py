@@ -200,3 +200,22 @@ def test_list_ranker_cuts_precomputed_lists_and_names_missing_users() -> None:
     other = Example(user_id="u2", history=History.create(["x"]), target="b")
     with pytest.raises(DataError, match="no list for users \\['u2'\\]"):
         ranker.rank([other], n=2)
+
+
+def test_cached_scorer_fits_once_then_reloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recgen.config import CollabConfig
+    from recgen.evaluate import cached_scorer
+    from recgen.types import Catalog, Example, History, Item, Split
+
+    monkeypatch.setenv("RECGEN_CACHE", str(tmp_path))
+    catalog = Catalog(items=tuple(Item(item_id=str(i), title=f"T{i}") for i in range(4)))
+    train = {"u": History.create(["0", "1", "1"])}
+    valid = (Example(user_id="u", history=train["u"], target="2"),)
+    split = Split(protocol="leave-one-out", train=train, valid=valid, test=valid, seed=0)
+    first = cached_scorer(CollabConfig(method="popular"), split=split, catalog=catalog)
+    assert list((tmp_path / "collab").iterdir()), "the fitted scorer was not cached"
+    again = cached_scorer(CollabConfig(method="popular"), split=split, catalog=catalog)
+    assert again is not first
+    assert np.array_equal(again.score([train["u"]]), first.score([train["u"]]))
