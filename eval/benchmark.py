@@ -145,8 +145,6 @@ def adapter_digest(adapter: str | None) -> str:
 
 def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], float]:
     """Traces in generation batches with a progress bar, and the wall time (cached on disk)."""
-    from tqdm.auto import tqdm
-
     key = hashlib.sha256(json.dumps([
         rec.config.generation.model_dump(), rec.config.prompt.model_dump(),
         rec.config.interests.model_dump(), rec.config.ranking.mode, rec.config.ranking.retrieve,
@@ -158,11 +156,8 @@ def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], 
     if path.is_file():
         with path.open("rb") as f:
             return pickle.load(f)
-    size = rec.config.generation.batch_size
-    out: list[Trace] = []
     start = time.perf_counter()
-    for b in tqdm(range(0, len(examples), size), desc=rec.generator.name, unit="batch"):
-        out.extend(rec.trace_batch([ex.history for ex in examples[b : b + size]], n=20))
+    out = rec.trace_batch([ex.history for ex in examples], n=20, show_progress=True)
     result = (out, time.perf_counter() - start)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:

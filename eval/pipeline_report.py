@@ -69,14 +69,8 @@ def parse_args() -> argparse.Namespace:
 
 def generate(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], float]:
     """Traces for every example, in generation batches, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    size = rec.config.generation.batch_size
-    traces: list[Trace] = []
     start = time.perf_counter()
-    for b in tqdm(range(0, len(examples), size), desc="pipeline", unit="batch"):
-        batch = examples[b : b + size]
-        traces.extend(rec.trace_batch([ex.history for ex in batch], n=max(KS)))
+    traces = rec.trace_batch([ex.history for ex in examples], n=max(KS), show_progress=True)
     return traces, time.perf_counter() - start
 
 

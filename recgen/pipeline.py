@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from recgen import (
     __version__,
@@ -186,15 +187,26 @@ class Recommender:
         *,
         n: int | None = None,
         candidates: Sequence[str] | None = None,
+        show_progress: bool = False,
     ) -> list[Trace]:
-        """Run every stage and keep each stage's output (the demo prints these)."""
+        """Run every stage and keep each stage's output (the demo prints these).
+
+        With ``show_progress``, histories run in chunks of ``generation.batch_size`` under a
+        progress bar (the long evaluation runs use it).
+        """
         resolved = [self._resolve(h) for h in histories]
         cands = None if candidates is None else self._check_candidates(candidates)
         examples = [
             Example(user_id=h.user_id or "", history=h, target="", candidates=cands)
             for h in resolved
         ]
-        return self._trace_examples(examples, n=n)
+        if not show_progress:
+            return self._trace_examples(examples, n=n)
+        size = self.config.generation.batch_size
+        out: list[Trace] = []
+        for b in tqdm(range(0, len(examples), size), desc=self.generator.name, unit="batch"):
+            out.extend(self._trace_examples(examples[b : b + size], n=n))
+        return out
 
     # ------------------------------------------------------------------ stages
 

@@ -293,6 +293,20 @@ def test_the_llm_is_loaded_only_when_a_stage_needs_it() -> None:
     assert rec._generator is None
 
 
+
+def test_trace_batch_with_progress_gives_the_same_lists() -> None:
+    config = load_config(
+        overrides=["grounding.encoder=hash", "generation.backend=fake", "generation.batch_size=2"]
+    )
+    rec = _recommender(config)
+    histories = [["1", "2"], ["5"], [], ["6", "7", "9"], ["3"]]
+    plain = rec.trace_batch(histories, n=4)
+    chunked = rec.trace_batch(histories, n=4, show_progress=True)
+    assert [[r.item_id for r in t.recommendations] for t in chunked] == [
+        [r.item_id for r in t.recommendations] for t in plain
+    ]
+
+
 # --------------------------------------------------------------------------- the real thing
 
 
