@@ -57,7 +57,7 @@ DATASETS = {
 """Data overrides per data set (ML-100K with LlamaRec's 5-core filter; Amazon as shipped)."""
 ADAPTERS = {"ml-100k": ROOT / "finetune" / "adapters" / "ml100k-lora"}
 """The committed adapter per data set (an adapter knows its own catalog's titles only)."""
-RERANK = ["ranking.mode=rerank", "prompt.max_prompt_tokens=600"]
+RERANK = ["ranking.mode=rerank"]
 """Rerank mode with room for 20 candidates beside the history (the adapter trained with 600)."""
 
 

@@ -156,11 +156,12 @@ class FinetuneConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
-        if self.prompt.max_prompt_tokens + 16 > self.max_len:
+        budget = max(self.prompt.max_prompt_tokens, self.prompt.rerank_max_prompt_tokens)
+        if budget + 16 > self.max_len:
             raise ValueError(
-                f"max_len={self.max_len} leaves no room for an answer after "
-                f"prompt.max_prompt_tokens={self.prompt.max_prompt_tokens}: raise max_len or "
-                "lower prompt.max_prompt_tokens"
+                f"max_len={self.max_len} leaves no room for an answer after a prompt budget of "
+                f"{budget} tokens (prompt.max_prompt_tokens, prompt.rerank_max_prompt_tokens): "
+                "raise max_len or lower the budget"
             )
         if self.new_since is None and self.init_adapter is None and self.replay != 0.3:
             raise ValueError("replay only applies to a continual update: set new_since too")
@@ -353,10 +354,9 @@ class _Builder:
         def count(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        base = config.prompt.model_dump()
         self.renderers = {
             task: PromptRenderer(
-                PromptConfig(**{**base, "template": template, "n_titles": n}), count_tokens=count
+                config.prompt.for_template(template, n_titles=n), count_tokens=count
             )
             for task, template, n in (
                 ("next", "recommend", config.prompt.n_titles),

@@ -235,7 +235,7 @@ def inference_prompt(folder: str | Path, *, template: str = "rerank") -> PromptC
     """
     config = FinetuneConfig.model_validate(load_adapter_meta(folder)["config"])
     n_titles = 1 if template == "rerank" else config.prompt.n_titles
-    return config.prompt.model_copy(update={"template": template, "n_titles": n_titles})
+    return config.prompt.for_template(template, n_titles=n_titles)
 
 
 # --------------------------------------------------------------------------- merge

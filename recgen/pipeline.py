@@ -124,7 +124,7 @@ class Recommender:
         if config.ranking.mode == "rerank":
             self._check_rerank()
             self.renderer = prompting.PromptRenderer(
-                config.prompt.model_copy(update={"template": config.prompt.rerank_template}),
+                config.prompt.for_template(config.prompt.rerank_template),
                 count_tokens=self._count_tokens,
             )
         if config.generation.adapter and config.generation.backend == "transformers":

@@ -98,7 +98,13 @@ def _score_cached(
     import torch
 
     ids, mask, pos = _left_pad(rows, pad)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(leads))
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=bool(leads),
+        logits_to_keep=1,
+    )
     first = torch.log_softmax(out.logits[:, -1].float(), -1)
     if not leads:
         return first, None

@@ -223,7 +223,7 @@ def test_adapter_metadata_round_trips(tmp_path: Path) -> None:
     assert load_config(adapter / "finetune.toml", model=FinetuneConfig).base_model == str(base)
     prompt = inference_prompt(adapter)
     assert (prompt.template, prompt.n_titles) == ("rerank", 1)
-    assert prompt.max_prompt_tokens == FinetuneConfig().prompt.max_prompt_tokens
+    assert prompt.max_prompt_tokens == FinetuneConfig().prompt.rerank_max_prompt_tokens
 
 
 def test_adapter_refuses_another_base_or_template(tmp_path: Path) -> None:
