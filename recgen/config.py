@@ -74,6 +74,10 @@ class InterestConfig(_Config):
     share by this much."""
     like_margin: float = Field(default=0.5, ge=0)
     """Ratings at least this far above (below) the user's mean count as liked (disliked)."""
+    summary: Literal["full", "static", "none"] = "full"
+    """What prompts show of the interest state: ``full`` (long-term profile, recent profile and
+    drift, recent items), ``static`` (long-term profile and recent items), ``none`` (recent items
+    only). The dynamic-interest ablation's switch."""
 
 
 class PromptConfig(_Config):
@@ -130,6 +134,10 @@ class GenerationConfig(_Config):
     max_retries: int = Field(default=3, ge=0)
     concurrency: int = Field(default=8, ge=1)
     """Requests in flight at once (openai backend)."""
+    decoding: Literal["free", "trie"] = "free"
+    """``free`` generation (then grounding), or ``trie``: beam search constrained to unseen
+    catalog titles through a token trie (D3 style, no length normalisation; transformers
+    backend, ``num_beams`` >= ``n``), so every output is a real catalog item."""
     structured: Literal["none", "answer"] = "none"
     """``answer`` constrains every reply to the answer format with vLLM structured outputs
     (openai backend; not with beam search), so that it always parses."""

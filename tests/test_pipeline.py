@@ -293,7 +293,6 @@ def test_the_llm_is_loaded_only_when_a_stage_needs_it() -> None:
     assert rec._generator is None
 
 
-
 def test_trace_batch_with_progress_gives_the_same_lists() -> None:
     config = load_config(
         overrides=["grounding.encoder=hash", "generation.backend=fake", "generation.batch_size=2"]
