@@ -55,10 +55,17 @@ DATASETS = {
     "amazon-scientific": [f"data.source={SHARED / 'amazon-scientific'}", "data.kcore=0"],
 }
 """Data overrides per data set (ML-100K with LlamaRec's 5-core filter; Amazon as shipped)."""
-ADAPTERS = {"ml-100k": ROOT / "finetune" / "adapters" / "ml100k-lora"}
-"""The committed adapter per data set (an adapter knows its own catalog's titles only)."""
+ADAPTERS = {
+    "ml-100k": {
+        "LoRA": ROOT / "finetune" / "adapters" / "ml100k-lora",
+        "prefix": ROOT / "finetune" / "adapters" / "ml100k-prefix",
+    }
+}
+"""The committed adapters per data set (an adapter knows its own catalog's titles only)."""
 RERANK = ["ranking.mode=rerank"]
-"""Rerank mode with room for 20 candidates beside the history (the adapter trained with 600)."""
+"""Retrieve-then-rerank (the rerank budget, ``prompt.rerank_max_prompt_tokens``, applies)."""
+LLM_ONLY = "ranking.collab_weight=0"
+"""The LLM's order alone (in rerank mode: of the retrieved candidates; no fusion to tune)."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +126,17 @@ def methods(name: str) -> dict[str, list[str]]:
     out = {
         "LLM zero-shot (generate, LLM only)": ["ranking.collab_weight=0"],
         "hybrid zero-shot (generate + SASRec+)": [],
+        "LLM zero-shot (SASRec+ top-20 -> LLM rerank, LLM only)": [*RERANK, LLM_ONLY],
         "hybrid zero-shot (SASRec+ top-20 -> LLM rerank)": RERANK,
     }
-    adapter = ADAPTERS.get(name)
-    if adapter is not None and (adapter / "adapter_config.json").is_file():
-        lora = [f"generation.adapter={adapter}"]
-        out["LLM LoRA (generate, LLM only)"] = [*lora, "ranking.collab_weight=0"]
-        out["hybrid LoRA (SASRec+ top-20 -> LLM rerank)"] = [*lora, *RERANK]
+    for kind, adapter in ADAPTERS.get(name, {}).items():
+        if not (adapter / "adapter_config.json").is_file():
+            continue
+        tuned = [f"generation.adapter={adapter}"]
+        if kind == "LoRA":  # free generation with prefix-tuning runs one prompt at a time
+            out[f"LLM {kind} (generate, LLM only)"] = [*tuned, LLM_ONLY]
+        out[f"LLM {kind} (SASRec+ top-20 -> LLM rerank, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
+        out[f"hybrid {kind} (SASRec+ top-20 -> LLM rerank)"] = [*tuned, *RERANK]
     return out
 
 
