@@ -22,10 +22,17 @@ Definitions (all weights are shares of the profile's total, so they sum to at mo
 * Time context (only with ``real_time=True`` and events that carry timestamps, read as UTC unix
   seconds): the median gap between interactions, the gap before the latest one, and a weekday or
   time-of-day pattern when it is clear over at least ``_MIN_ACTIVE_DAYS`` active days.
+* ``config.summary`` (the dynamic-interest ablation) decides what the state keeps: ``full``
+  all of the above; ``static`` drops the recent profile and the drift (rising, fading) and keeps
+  the long-term profile, recent items, liked and disliked items and time context; ``none`` keeps
+  the recent items and the event count only (so recent items carry no liked/disliked note). The
+  variant applies to the state itself, so prompts, fine-tuning examples and the explanations
+  derived from the state can none of them use what it hides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
@@ -264,7 +271,7 @@ class InterestTracker:
             rising = _drift(recent_shares, long_shares, self.config.drift_threshold, k)
             fading = _drift(long_shares, recent_shares, self.config.drift_threshold, k)
         liked, disliked = self._rated_extremes(mean)
-        return InterestState(
+        state = InterestState(
             user_id=self.user_id,
             n_events=self._n,
             long_term=_top(long_shares, k),
@@ -277,6 +284,7 @@ class InterestTracker:
             mean_rating=mean,
             time_context=self._time.facts() if self.real_time else (),
         )
+        return _restrict(state, self.config.summary)
 
     # ------------------------------------------------------------------ internals
 
@@ -346,6 +354,22 @@ class InterestTracker:
         ]
         newest = sorted(entries, reverse=True)[:k]
         return tuple(self.catalog[item_id] for _, item_id in newest)
+
+
+_DYNAMIC: dict[str, object] = {"recent_profile": (), "rising": (), "fading": ()}
+"""What ``summary="static"`` blanks: the recent profile and the drift."""
+_BEYOND_RECENT: dict[str, object] = {
+    "long_term": (), "liked": (), "disliked": (), "mean_rating": None, "time_context": (),
+}  # fmt: skip
+"""What ``summary="none"`` blanks as well: all but the recent items and the event count."""
+
+
+def _restrict(state: InterestState, summary: str) -> InterestState:
+    """``state`` with the fields the ``summary`` variant leaves out blanked."""
+    if summary == "full":
+        return state
+    blank = _DYNAMIC if summary == "static" else _DYNAMIC | _BEYOND_RECENT
+    return dataclasses.replace(state, **blank)
 
 
 def _shares(weights: dict[str, float]) -> dict[str, float]:

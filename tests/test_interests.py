@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from datetime import UTC, datetime
@@ -11,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recgen.config import InterestConfig
+from recgen.config import InterestConfig, PromptConfig
 from recgen.errors import DataError
 from recgen.interests import InterestTracker, build_interest_state, item_labels
-from recgen.types import Catalog, Event, History, Item
+from recgen.prompting import PromptRenderer
+from recgen.types import Catalog, Event, History, InterestState, Item
 
 GENRES = ("Action", "Drama", "Comedy", "Sci-Fi", "Romance")
 
@@ -228,6 +230,84 @@ def test_non_finite_numbers_are_rejected(field: str) -> None:
     event = Event(item_id="m1", **{field: math.nan})
     with pytest.raises(DataError, match=field):
         build_interest_state(History(events=(event,)), CATALOG, InterestConfig())
+
+
+# --------------------------------------------------------------------------- summary variants
+
+# Drama/Comedy for ten events, then Sci-Fi and Action: every section of the summary is present.
+_DRIFTING = ["m1", "m2", "m11", "m16", "m7", "m17", "m6", "m8", "m13", "m5"]
+_DRIFT_RATINGS = [5.0, 1.0, 4.0, 2.0, 5.0, 1.0, 3.0, 5.0, 1.0, 3.0]
+_SECTIONS = {
+    "long_term": "Long-term tastes, strongest first:",
+    "recent_profile": "Recent tastes:",
+    "rising": "Rising:",
+    "fading": "Fading:",
+    "recent": "Recent items, newest last:\n- Movie 8 (1988)",
+    "notes": "- Movie 8 (1988) (liked)\n- Movie 13 (1993) (disliked)\n",
+    "liked": "Also liked:",
+    "disliked": "Also disliked:",
+    "time_context": "Timing:",
+}
+_SHOWN = {
+    "full": set(_SECTIONS),
+    "static": set(_SECTIONS) - {"recent_profile", "rising", "fading"},
+    "none": {"recent"},
+}
+"""Sections each variant's full (``recommend``) summary shows."""
+_COMPACT = {"liked", "disliked", "time_context"}
+"""Sections the compact summary of rerank prompts never shows."""
+
+
+_BLANKED = {
+    "full": set(),
+    "static": {"recent_profile", "rising", "fading"},
+    "none": {"recent_profile", "rising", "fading", "long_term", "liked", "disliked",
+             "mean_rating", "time_context"},
+}  # fmt: skip
+
+
+def _drifting_history() -> History:
+    return History(
+        events=tuple(
+            Event(item_id=i, rating=r, timestamp=86_400.0 * (k + 1) + 43_200.0)
+            for k, (i, r) in enumerate(zip(_DRIFTING, _DRIFT_RATINGS, strict=True))
+        ),
+        user_id="u",
+    )
+
+
+def _variant_state(summary: str) -> InterestState:
+    config = InterestConfig(recent_window=3, summary=summary)  # type: ignore[arg-type]
+    return build_interest_state(_drifting_history(), CATALOG, config)
+
+
+@pytest.mark.parametrize("summary", ["full", "static", "none"])
+def test_summary_variant_blanks_exactly_its_fields(summary: str) -> None:
+    full, state = _variant_state("full"), _variant_state(summary)
+    for field in dataclasses.fields(InterestState):
+        full_value, value = getattr(full, field.name), getattr(state, field.name)
+        assert full_value not in ((), None), f"the fixture must fill {field.name}"
+        blank = None if field.name == "mean_rating" else ()
+        assert value == (blank if field.name in _BLANKED[summary] else full_value), field.name
+    config = InterestConfig(recent_window=3, summary=summary)  # type: ignore[arg-type]
+    tracker = InterestTracker(CATALOG, config, user_id="u")
+    tracker.update(_drifting_history().events)
+    assert tracker.state() == state
+
+
+@pytest.mark.parametrize("template", ["recommend", "rerank"])
+@pytest.mark.parametrize("summary", ["full", "static", "none"])
+def test_summary_variant_renders_exactly_its_sections(template: str, summary: str) -> None:
+    renderer = PromptRenderer(PromptConfig(template=template))
+    candidates = [CATALOG["m0"], CATALOG["m9"]] if template == "rerank" else ()
+    user = renderer.render(_variant_state(summary), candidates=candidates).messages[1].content
+    expected = _SHOWN[summary] - (_COMPACT if template == "rerank" else set())
+    shown = {name for name, text in _SECTIONS.items() if text in user}
+    assert shown == expected, user
+    assert "- Movie 5 (1985)\n" in user  # the newest item, never cut
+    if summary == "none":
+        assert "(liked)" not in user
+        assert "(disliked)" not in user
 
 
 # --------------------------------------------------------------------------- incremental == rebuild
