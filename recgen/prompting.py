@@ -218,7 +218,7 @@ class PromptRenderer:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self._env.filters["no_year"] = strip_year
+        self._env.filters["no_year"] = strip_year  # pyright: ignore[reportUnknownMemberType]
         self._template = self._load(config.template)
         self.lists_candidates = "candidates" in self._variables(f"{config.template}.jinja")
         """Whether the template shows candidates (then ``render`` requires them)."""
