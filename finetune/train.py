@@ -20,8 +20,9 @@ import logging
 import time
 from pathlib import Path
 
-from recgen.adapters import FinetuneConfig, train_adapter
+from recgen.adapters import FinetuneConfig
 from recgen.config import load_config
+from recgen.training import train_adapter
 
 
 def parse_args() -> argparse.Namespace:

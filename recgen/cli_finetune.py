@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from recgen.adapters import FinetuneConfig, merge_adapter, train_adapter
+from recgen.adapters import FinetuneConfig, merge_adapter
 from recgen.config import load_config
 from recgen.errors import RecgenError
+from recgen.training import train_adapter
 
 __all__ = ["adapter", "finetune"]
 

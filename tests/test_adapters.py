@@ -26,12 +26,12 @@ from recgen.adapters import (
     inference_prompt,
     load_adapter_meta,
     merge_adapter,
-    train_adapter,
     write_adapter_meta,
 )
 from recgen.config import DataConfig, InterestConfig, load_config
 from recgen.errors import ConfigError, IndexMismatchError
 from recgen.interests import build_interest_state, item_labels
+from recgen.training import train_adapter
 from recgen.types import Message
 
 GENERIC = Path(__file__).parent / "data" / "generic"
