@@ -122,6 +122,11 @@ class FinetuneConfig(_Config):
     """Candidates per rerank example (the true next item plus negatives)."""
     negatives: Literal["sasrec", "popular"] = "sasrec"
     """Negatives: SASRec's top unseen items (fitted on the training split) or popularity samples."""
+    rerank_loss: Literal["index", "answer"] = "index"
+    """What rerank examples train on: ``index``, the chosen candidate's number only (what the
+    verbalizer scores; LlamaRec's label), or the whole ``n. title | why`` answer, whose other
+    ~20 tokens are easy and dilute the one hard token's gradient. Explanations are trained by
+    the ``explain`` task either way."""
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
@@ -237,11 +242,18 @@ def _indexed_answer(index: int, item: Item, explanation: str, max_title_chars: i
 
 
 def encode_example(
-    tokenizer: Any, messages: Sequence[Message], answer: str, *, max_len: int
+    tokenizer: Any,
+    messages: Sequence[Message],
+    answer: str,
+    *,
+    max_len: int,
+    label_prefix: str | None = None,
 ) -> tuple[list[int], list[int]] | None:
     """Token ids and labels (-100 on the prompt) through the tokenizer's chat template.
 
     Tokens after the final end-of-turn token (a trailing newline) are not labelled either.
+    With ``label_prefix`` (a prefix of ``answer``), only its tokens are labelled: a rerank
+    answer trains on the chosen candidate's number alone, as the verbalizer scores it.
 
     Returns:
         ``(input_ids, labels)``, or None if the example is longer than ``max_len``.
@@ -268,6 +280,13 @@ def encode_example(
     if end in ids[len(p_ids) :]:
         last = len(ids) - 1 - ids[::-1].index(end)
         labels[last + 1 :] = [-100] * (len(ids) - last - 1)
+    if label_prefix is not None:
+        if not answer.startswith(label_prefix):
+            raise DataError(f"label_prefix {label_prefix!r} does not start answer {answer!r}")
+        stop = len(tokenizer(prompt + label_prefix, add_special_tokens=False)["input_ids"])
+        if ids[:stop] != tokenizer(prompt + label_prefix, add_special_tokens=False)["input_ids"]:
+            raise DataError(f"label_prefix {label_prefix!r} does not end on a token boundary")
+        labels[stop:] = [-100] * (len(ids) - stop)
     return ids, labels
 
 
@@ -336,7 +355,8 @@ def _sasrec(split: Split, catalog: Catalog) -> collab.Scorer:
 # --------------------------------------------------------------------------- examples
 
 _DATA_KEYS = ("data", "interests", "prompt", "tasks", "samples", "valid_samples", "min_history",
-              "n_candidates", "negatives", "seed", "max_len", "new_since", "replay")  # fmt: skip
+              "n_candidates", "negatives", "seed", "max_len", "new_since", "replay",
+              "rerank_loss")  # fmt: skip
 
 
 class _Builder:
@@ -441,9 +461,11 @@ class _Builder:
                 index = 1 + [c.item_id for c in candidates].index(item.item_id)
                 answer = _indexed_answer(index, item, explain_item(item, state), cap)
             prompt = renderer.render(state, candidates=candidates, answer=answer)
+            index_only = task == "rerank" and self.config.rerank_loss == "index"
             encoded = encode_example(
-                self.tokenizer, prompt.messages, answer, max_len=self.config.max_len
-            )
+                self.tokenizer, prompt.messages, answer, max_len=self.config.max_len,
+                label_prefix=answer.split(".", 1)[0] + "." if index_only else None,
+            )  # fmt: skip
             if encoded is None:
                 self.dropped += 1
                 continue

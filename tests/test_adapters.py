@@ -139,7 +139,7 @@ def test_examples_come_from_the_training_split_only(tiny: tuple[Any, Any]) -> No
 
 
 def test_labels_cover_the_answer_only(tiny: tuple[Any, Any]) -> None:
-    train, _, tok = _build(tiny)
+    train, _, tok = _build(tiny, rerank_loss="answer")
     for row in train:
         ids, labels = row["input_ids"], row["labels"]
         first = next(i for i, y in enumerate(labels) if y != -100)
@@ -175,6 +175,22 @@ def test_continual_update_mixes_new_targets_with_a_replay_share(tiny: tuple[Any,
     new = [times[(r["user_id"], r["target"])] > cut for r in train]
     assert sum(new) == 30  # (1 - replay) of the 40 examples target interactions after the cut
     assert len(new) - sum(new) == 10
+
+
+def test_rerank_examples_train_on_the_candidate_number_only(tiny: tuple[Any, Any]) -> None:
+    for loss, rerank in (("index", True), ("answer", False)):
+        train, _, tok = _build(tiny, rerank_loss=loss)
+        rows = [r for r in train if r["task"] == "rerank"]
+        assert rows
+        for row in rows:
+            labelled = tok.decode([t for t in row["labels"] if t != -100])
+            if rerank:
+                assert labelled == f"{row['target_index']}."
+            else:
+                assert labelled.startswith(f"{row['target_index']}. ") and "|" in labelled
+        others = [r for r in train if r["task"] != "rerank"]
+        assert all("|" in tok.decode([t for t in r["labels"] if t != -100]) or r["task"] ==
+                   "summary" for r in others)  # fmt: skip
 
 
 def test_too_long_examples_are_dropped() -> None:
