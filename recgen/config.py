@@ -137,7 +137,8 @@ class GenerationConfig(_Config):
     decoding: Literal["free", "trie"] = "free"
     """``free`` generation (then grounding), or ``trie``: beam search constrained to unseen
     catalog titles through a token trie (D3 style, no length normalisation; transformers
-    backend, ``num_beams`` >= ``n``), so every output is a real catalog item."""
+    backend, temperature 0, ``num_beams`` >= ``n``, the list length), so every output is a real
+    catalog item; ``ranking.mode = "generate"`` only."""
     structured: Literal["none", "answer"] = "none"
     """``answer`` constrains every reply to the answer format with vLLM structured outputs
     (openai backend; not with beam search), so that it always parses."""
@@ -148,6 +149,16 @@ class GenerationConfig(_Config):
             raise ValueError(
                 f"num_return_sequences={self.num_return_sequences} needs num_beams >= that "
                 f"(got {self.num_beams}) or temperature > 0 (sampling)"
+            )
+        if self.decoding == "trie" and self.backend != "transformers":
+            raise ValueError(
+                f"decoding='trie' masks logits in process: it needs backend='transformers' (got "
+                f"{self.backend!r}); use decoding='free' with the {self.backend} backend"
+            )
+        if self.decoding == "trie" and (self.temperature > 0 or self.num_beams < 2):
+            raise ValueError(
+                "decoding='trie' is beam search: set temperature=0 and num_beams >= 2 (and >= "
+                f"the list length n; got temperature={self.temperature}, num_beams={self.num_beams})"
             )
         return self
 
