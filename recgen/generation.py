@@ -13,9 +13,9 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from recgen._openai import OpenAIGenerator, distinct_texts
 from recgen.config import GenerationConfig, cache_dir
@@ -23,12 +23,16 @@ from recgen.errors import ConfigError
 from recgen.types import Generation, Prompt
 from recgen.verbalizer import candidate_scores
 
+if TYPE_CHECKING:
+    from recgen.constrained import AnswerTitles, TitleTrie
+
 __all__ = [
     "EMBEDDED_GGUF",
     "CandidateScorer",
     "FakeGenerator",
     "Generator",
     "OpenAIGenerator",
+    "TitleDecoder",
     "TransformersGenerator",
     "embedded_model_dir",
     "make_generator",
@@ -67,6 +71,24 @@ class CandidateScorer(Protocol):
 
     def score_candidates(self, prompts: Sequence[Prompt]) -> list[list[float]]:
         """Per prompt, one log-score per ``prompt.candidates`` entry, in the listed order."""
+        ...
+
+
+@runtime_checkable
+class TitleDecoder(Protocol):
+    """A generator that decodes under a trie of catalog titles (``generation.decoding="trie"``)."""
+
+    def generate_titles(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        titles: AnswerTitles,
+        excludes: Sequence[Collection[str]],
+        candidates: Sequence[Collection[str] | None] | None = None,
+        n: int,
+    ) -> list[Generation]:
+        """Per prompt, the ``n`` likeliest allowed titles as one answer text (see
+        :meth:`TransformersGenerator.generate_titles`)."""
         ...
 
 
@@ -268,6 +290,7 @@ class TransformersGenerator:
         if config.adapter:
             self.name = f"{self.name}+{Path(config.adapter).name}"
         self.tokens_per_second: float | None = None
+        self._tries: dict[str, TitleTrie] = {}  # per AnswerTitles.key; shared by with_config
 
     def with_config(self, config: GenerationConfig) -> TransformersGenerator:
         """A generator with other sampling settings that shares these loaded weights.
@@ -319,28 +342,37 @@ class TransformersGenerator:
 
         torch.manual_seed(self.config.seed)
         out: list[Generation] = []
-        size = self.config.batch_size
-        if getattr(getattr(self.model, "active_peft_config", None), "is_prompt_learning", False):
-            # Batched, left-padded generation with prefix-tuning's virtual tokens gives other
-            # greedy outputs than one prompt at a time (seen with peft 0.21 / transformers 5.23),
-            # so prefix adapters generate prompt by prompt: slower, but the output is right.
-            size = 1
+        size = self._batch_size()
         for start in range(0, len(prompts), size):
             out.extend(self._generate_batch(prompts[start : start + size]))
         return out
 
-    def _generate_batch(self, prompts: Sequence[Prompt]) -> list[Generation]:
-        import torch
+    def _batch_size(self) -> int:
+        if getattr(getattr(self.model, "active_peft_config", None), "is_prompt_learning", False):
+            # Batched, left-padded generation with prefix-tuning's virtual tokens gives other
+            # greedy outputs than one prompt at a time (seen with peft 0.21 / transformers 5.23),
+            # so prefix adapters generate prompt by prompt: slower, but the output is right.
+            return 1
+        return self.config.batch_size
 
+    def _tokenize(self, prompts: Sequence[Prompt], *, answer: str = "") -> Any:
+        """The prompts through the chat template (with the assistant header and ``answer``),
+        tokenized as one left-padded batch."""
         chats = [
             self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in p.messages],
                 tokenize=False,
                 add_generation_prompt=True,
             )
+            + answer
             for p in prompts
         ]
-        batch = self.tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+        return self.tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def _generate_batch(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        import torch
+
+        batch = self._tokenize(prompts)
         beams = self.config.num_beams > 1
         start = time.perf_counter()
         with torch.inference_mode():
@@ -376,6 +408,124 @@ class TransformersGenerator:
                 Generation(prompt=prompt, texts=tuple(texts), model=self.name, scores=score)
             )
         return result
+
+    def generate_titles(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        titles: AnswerTitles,
+        excludes: Sequence[Collection[str]],
+        candidates: Sequence[Collection[str] | None] | None = None,
+        n: int,
+    ) -> list[Generation]:
+        """Trie-constrained beam search (D3 style): each prompt's ``n`` likeliest allowed titles.
+
+        The answer is forced to open with ``1.``; a token trie over ``titles`` (built once per
+        catalog and cached) masks every token that does not continue a title the user may be
+        recommended: not named or blocked by an item of ``excludes``, and named by one of
+        ``candidates`` when given. Beam search with ``num_beams`` beams returns ``n`` of them,
+        scored by summed log-probabilities (``length_penalty=0``, no normalisation).
+
+        Returns:
+            One ``Generation`` per prompt whose single text lists the titles as answer lines
+            (``1. <title>``, one per item, best beam first; beams naming an item already listed
+            are dropped and counted in the log), and whose ``scores`` are the lines' beam
+            log-probabilities, non-increasing. Fewer than ``n`` lines when fewer titles are
+            allowed.
+
+        Raises:
+            ConfigError: if ``config.num_beams`` < ``n``.
+        """
+        from recgen import constrained
+
+        if self.config.num_beams < n:
+            raise ConfigError(
+                f"generation.decoding='trie' returns n={n} items, one per beam: set "
+                f"generation.num_beams >= {n} (got {self.config.num_beams})"
+            )
+        if titles.key not in self._tries:
+
+            def tokenize(texts: list[str]) -> list[list[int]]:
+                return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+            eos = self.tokenizer.eos_token_id
+            trie = constrained.TitleTrie.build(titles.titles, tokenize=tokenize, eos_token_id=eos)
+            self._tries[titles.key] = trie
+        trie = self._tries[titles.key]
+        views = []
+        for ex, cands in zip(excludes, candidates or [None] * len(prompts), strict=True):
+            only, removed = titles.allowed(exclude=ex, candidates=cands)
+            views.append(trie.view(only=only, removed=removed))
+        out: list[Generation] = []
+        size = self._batch_size()
+        for start in range(0, len(prompts), size):
+            batch = slice(start, start + size)
+            beams = self._trie_batch(prompts[batch], views[batch], n=n, depth=trie.depth)
+            for prompt, found in zip(prompts[batch], beams, strict=True):
+                text, scores, duplicates = titles.answer(found)
+                if duplicates:
+                    _log.info("trie decoding: %d beam(s) named an item already listed", duplicates)
+                texts = (text,) if text else ()
+                out.append(Generation(prompt=prompt, texts=texts, model=self.name, scores=scores))
+        return out
+
+    def _trie_batch(
+        self, prompts: Sequence[Prompt], views: Sequence[Any], *, n: int, depth: int
+    ) -> list[list[tuple[int, float]]]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        from recgen import constrained
+
+        batch = self._tokenize(prompts, answer=constrained.ANSWER_PREFIX)
+        prompt_len = batch["input_ids"].shape[1]
+        processor = constrained.TrieLogitsProcessor(
+            views, num_beams=self.config.num_beams, prompt_len=prompt_len
+        )
+        kwargs = _sampling_kwargs(self.config) | {
+            "num_return_sequences": n,
+            "max_new_tokens": depth,  # the longest title with its end token
+            "length_penalty": 0.0,
+            "early_stopping": False,  # exact with length_penalty=0: scores only decrease
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if self._batch_size() > 1:  # not with prefix tuning, whose prefix is a cache itself
+                kwargs["cache"] = _prefill(self.model, batch, copies=self.config.num_beams)
+            out = self.model.generate(
+                **batch,
+                **kwargs,
+                logits_processor=LogitsProcessorList([processor]),
+                pad_token_id=self.tokenizer.pad_token_id,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+        seconds = time.perf_counter() - start
+        new = out.sequences[:, prompt_len:]
+        n_new = int((new != self.tokenizer.pad_token_id).sum())
+        self.tokens_per_second = n_new / max(seconds, 1e-9)
+        _log.info("trie decoding: %d prompts in %.1f s", len(prompts), seconds)
+        return constrained.read_beams(new, out.sequences_scores, views=views, k=n)
+
+
+def _prefill(model: Any, batch: Any, *, copies: int) -> Any:
+    """The KV cache of each prompt but its last token, computed once and repeated ``copies``
+    times (one per beam): beam search would otherwise run every prompt once per beam."""
+    from transformers import DynamicCache
+
+    mask = batch["attention_mask"][:, :-1]
+    cache = DynamicCache(config=model.config)
+    model(
+        input_ids=batch["input_ids"][:, :-1],
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # as generate numbers padded prompts
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def _sampling_kwargs(config: GenerationConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -48,6 +48,9 @@ from recgen.types import (
     Recommendation,
     Split,
 )
+
+if TYPE_CHECKING:
+    from recgen.constrained import AnswerTitles
 
 __all__ = ["Recommender", "Trace", "output_stats"]
 
@@ -130,6 +133,7 @@ class Recommender:
         if config.generation.adapter and config.generation.backend == "transformers":
             self._use_adapter(config.generation.adapter)
         self._by_title = {item.title.casefold(): item.item_id for item in catalog}
+        self._answer_titles: AnswerTitles | None = None  # built on the first trie decoding
 
     @property
     def generator(self) -> generation.Generator:
@@ -223,7 +227,7 @@ class Recommender:
         elif live:
             states = [self._state(examples[i].history) for i in live]
             prompts = [self.renderer.render(s) for s in states]
-            gens = self.generator.generate(prompts)
+            gens = self._generate(prompts, [examples[i] for i in live], n=n)
             parsed = [parsing.parse_generation(g) for g in gens]
             excludes = [set(examples[i].history.item_ids) for i in live]
             grounded = grounding.ground_batch(
@@ -252,6 +256,38 @@ class Recommender:
                     candidates=ex.candidates,
                 )
         return [traces[i] for i in range(len(examples))]
+
+    def _generate(
+        self, prompts: list[Prompt], examples: list[Example], *, n: int
+    ) -> list[Generation]:
+        """Free generation, or (``generation.decoding="trie"``) beam search over the titles each
+        user may be recommended, written so that they parse and ground back to their items."""
+        if self.config.generation.decoding == "free":
+            return self.generator.generate(prompts)
+        decoder = self.generator
+        if not isinstance(decoder, generation.TitleDecoder):
+            raise ConfigError(
+                "generation.decoding='trie' needs a generator that decodes under a title trie "
+                f"(TransformersGenerator), not {type(decoder).__name__}; or set decoding='free'"
+            )
+        if self._answer_titles is None:
+            from recgen.constrained import AnswerTitles
+
+            self._answer_titles = AnswerTitles.build(
+                self.catalog, write=_answer_title, read=self._read_answer
+            )
+        return decoder.generate_titles(
+            prompts,
+            titles=self._answer_titles,
+            excludes=[set(ex.history.item_ids) for ex in examples],
+            candidates=[ex.candidates for ex in examples],
+            n=n,
+        )
+
+    def _read_answer(self, line: str) -> tuple[int, ...]:
+        """Catalog positions an answer line names, as parsing and exact grounding read it."""
+        parsed = parsing.parse_text(line).candidates
+        return self.index.match_exact(parsed[0].title) if len(parsed) == 1 else ()
 
     def fuse_traces(
         self, traces: Sequence[Trace], *, n: int | None = None, ranking: RankingConfig | None = None
@@ -628,6 +664,11 @@ def _counts(train: Mapping[str, History], catalog: Catalog) -> np.ndarray:
         for item_id in history.item_ids:
             counts[catalog.position(item_id)] += 1
     return counts
+
+
+def _answer_title(title: str) -> str:
+    """A catalog title as an answer line writes it: cleaned as prompts show titles, uncut."""
+    return prompting.clean_text(title, parsing.MAX_TITLE_CHARS)
 
 
 def _profile_explanation(item: Item, state: InterestState) -> str:
