@@ -123,9 +123,14 @@ def parse_args() -> BenchConfig:
 
 def methods(name: str) -> dict[str, list[str]]:
     """The LLM methods for one data set: config overrides on top of the data set's."""
+    # D3-style trie decoding: one beam per item, and traces are taken at n=20 (the longest list
+    # scored), so 20 beams; 2 prompts per batch keep the 40 rows' KV caches small.
+    trie = ["generation.decoding=trie", "generation.num_beams=20", "generation.batch_size=2"]
     out = {
         "LLM zero-shot (generate, LLM only)": ["ranking.collab_weight=0"],
         "hybrid zero-shot (generate + SASRec+)": [],
+        "LLM zero-shot (trie decoding, LLM only)": [*trie, LLM_ONLY],
+        "hybrid zero-shot (trie decoding + SASRec+)": trie,
         "LLM zero-shot (SASRec+ top-20 -> LLM rerank, LLM only)": [*RERANK, LLM_ONLY],
         "hybrid zero-shot (SASRec+ top-20 -> LLM rerank)": RERANK,
     }
