@@ -24,6 +24,7 @@ import json
 import pickle
 import platform
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ class BenchConfig:
     """Users timed one at a time for the p50 latency."""
     out: Path = ROOT / "eval" / "reports" / "benchmark"
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    methods: str = ""
+    """Regex: run only the LLM methods whose label matches (all when empty)."""
+    threads: int = 2
 
 
 @dataclass
@@ -113,11 +117,13 @@ def parse_args() -> BenchConfig:
     p.add_argument("--speed-users", type=int, default=BenchConfig.speed_users)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=BenchConfig.out)
+    p.add_argument("--methods", default="", help="regex: only the LLM methods it matches")
+    p.add_argument("--threads", type=int, default=BenchConfig.threads, help="torch threads")
     a = p.parse_args()
     return BenchConfig(
         datasets=tuple(a.datasets), valid_users=a.valid_users, generate_users=a.generate_users,
         test_users=a.test_users, speed_users=a.speed_users, out=a.out,
-        overrides=tuple(a.overrides),
+        overrides=tuple(a.overrides), methods=a.methods, threads=a.threads,
     )  # fmt: skip
 
 
@@ -230,6 +236,8 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
             r2 = run_evaluation(ScorerRanker("SASRec+ (sample)", sasrec, catalog), gen_s, **kw)
             rows.append(Row(r2, r2.info["users_per_s"], r2.seconds / len(gen_s), sample=True))
     for label, extra in methods(name).items():
+        if cfg.methods and not re.search(cfg.methods, label):
+            continue
         rows.append(run_method(label, base, extra, dataset, split, test, valid_s, gen_s, cfg, kw))
     meta = {"users": len(test), "items": len(catalog), "valid_sample": len(valid_s),
             "generate_sample": len(gen_s), "interactions": dataset.report.n_interactions}  # fmt: skip
@@ -354,7 +362,7 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
 
 def main() -> None:
     cfg = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     results = {name: run_dataset(name, cfg) for name in cfg.datasets}
     path = report(cfg, results, time.perf_counter() - start)
