@@ -93,9 +93,10 @@ class PromptConfig(_Config):
     """How many titles the instruction asks for."""
     rerank_template: str = "rerank"
     """Template that lists retrieved candidates, used in ``ranking.mode = "rerank"``."""
-    rerank_max_prompt_tokens: int = Field(default=340, ge=64)
+    rerank_max_prompt_tokens: int = Field(default=400, ge=64)
     """Token budget of rerank prompts. A rerank costs one forward pass over the prompt, so this
-    sets its speed: 20 candidates take ~160 tokens, the summary and 2-3 recent items the rest."""
+    sets its speed: 20 candidates with two labels each take ~250 tokens, the summary and a few
+    recent items the rest."""
 
     def for_template(self, template: str, **update: object) -> PromptConfig:
         """A copy rendering ``template``, with the rerank budget when it is the rerank template."""

@@ -49,11 +49,6 @@ __all__ = ["InterestTracker", "build_interest_state", "item_labels"]
 
 _log = logging.getLogger(__name__)
 
-_SKIP_KEYS = frozenset(
-    {"description", "year", "title", "text", "summary", "plot", "url", "date", "release_date"}
-)
-_MAX_LABEL_CHARS = 40
-_MAX_LABEL_WORDS = 5
 _RESCALE_BELOW = 1e-150
 """When the running scale falls below this, fold it into the stored weights (rare, O(labels))."""
 _DAY = 86_400.0
@@ -63,7 +58,7 @@ _PARTS = ("at night", "in the morning", "in the afternoon", "in the evening")
 
 
 def item_labels(item: Item) -> tuple[str, ...]:
-    """The profile labels of ``item``: tuple-of-label attributes and short string attributes.
+    """The profile labels of ``item`` (:attr:`recgen.types.Item.labels`).
 
     Args:
         item: A catalog item.
@@ -71,26 +66,7 @@ def item_labels(item: Item) -> tuple[str, ...]:
     Returns:
         Distinct labels in attribute order, whitespace collapsed.
     """
-    labels: dict[str, None] = {}
-    for key, value in item.attributes.items():
-        if key.lower() in _SKIP_KEYS:
-            continue
-        if isinstance(value, tuple):
-            values: tuple[str, ...] = value
-        elif isinstance(value, str):
-            values = (value,)
-        else:
-            continue
-        for raw in values:
-            label = " ".join(str(raw).split())
-            if (
-                label
-                and len(label) <= _MAX_LABEL_CHARS
-                and len(label.split()) <= _MAX_LABEL_WORDS
-                and not label.replace(".", "").isdigit()
-            ):
-                labels.setdefault(label)
-    return tuple(labels)
+    return item.labels
 
 
 class _RunningMedian:

@@ -163,10 +163,11 @@ def default_prompts_dir() -> Path:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _ItemView:
-    """An item as templates see it: cleaned title and a short note (``liked``)."""
+    """An item as templates see it: cleaned title, a short note (``liked``) and its labels."""
 
     title: str
     note: str = ""
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -265,7 +266,14 @@ class PromptRenderer:
             )
         if not self.lists_candidates:
             candidates = ()  # not shown, so not recorded as offered
-        titles = tuple(clean_text(item.title, self.config.max_title_chars) for item in candidates)
+        cap = self.config.max_title_chars
+        titles = tuple(
+            _ItemView(
+                title=clean_text(item.title, cap),
+                labels=tuple(clean_text(label, cap) for label in item.labels),
+            )
+            for item in candidates
+        )
         n_recent = keep = len(state.recent)
         messages = self._messages(state, keep, titles)
         size = self._size(messages)
@@ -317,7 +325,7 @@ class PromptRenderer:
         )
 
     def _messages(
-        self, state: InterestState, keep: int, candidates: tuple[str, ...]
+        self, state: InterestState, keep: int, candidates: tuple[_ItemView, ...]
     ) -> tuple[Message, ...]:
         variables: dict[str, object] = {
             "n_titles": self.config.n_titles,

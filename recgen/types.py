@@ -59,6 +59,35 @@ class Item:
     title: str
     attributes: Mapping[str, AttrValue] = field(default_factory=dict[str, AttrValue])
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The item's profile labels: tuple-of-label attributes and short string attributes
+        (not titles, descriptions, dates or years), distinct, in attribute order."""
+        labels: dict[str, None] = {}
+        for key, value in self.attributes.items():
+            if key.lower() in _SKIP_LABEL_KEYS:
+                continue
+            values = (
+                value if isinstance(value, tuple) else (value,) if isinstance(value, str) else ()
+            )
+            for raw in values:
+                label = " ".join(raw.split())
+                if (
+                    label
+                    and len(label) <= _MAX_LABEL_CHARS
+                    and len(label.split()) <= _MAX_LABEL_WORDS
+                    and not label.replace(".", "").isdigit()
+                ):
+                    labels.setdefault(label)
+        return tuple(labels)
+
+
+_SKIP_LABEL_KEYS = frozenset(
+    {"description", "year", "title", "text", "summary", "plot", "url", "date", "release_date"}
+)
+_MAX_LABEL_CHARS = 40
+_MAX_LABEL_WORDS = 5
+
 
 @dataclass(frozen=True, kw_only=True)
 class Catalog:

@@ -41,7 +41,7 @@ FINETUNE = Path(__file__).resolve().parents[1] / "finetune"
 TINY: dict[str, Any] = {
     "data": {"source": str(GENERIC), "kcore": 0},
     "min_history": 2,
-    "prompt": {"max_prompt_tokens": 64, "n_titles": 2},
+    "prompt": {"max_prompt_tokens": 64, "rerank_max_prompt_tokens": 64, "n_titles": 2},
     "max_len": 400,
     "n_candidates": 4,
     "negatives": "popular",
@@ -187,7 +187,8 @@ def test_rerank_examples_train_on_the_candidate_number_only(tiny: tuple[Any, Any
             if rerank:
                 assert labelled == f"{row['target_index']}."
             else:
-                assert labelled.startswith(f"{row['target_index']}. ") and "|" in labelled
+                assert labelled.startswith(f"{row['target_index']}. ")
+                assert "|" in labelled
         others = [r for r in train if r["task"] != "rerank"]
         assert all("|" in tok.decode([t for t in r["labels"] if t != -100]) or r["task"] ==
                    "summary" for r in others)  # fmt: skip
