@@ -388,3 +388,11 @@ def test_budget_matches_the_real_chat_template() -> None:
 )
 def test_strip_year_drops_only_a_trailing_year(title: str, short: str) -> None:
     assert strip_year(title) == short
+
+
+def test_rerank_candidates_show_two_labels_and_no_year() -> None:
+    heat = Item(item_id="h", title="Heat (1995)", attributes={"genres": ("Action", "Crime", "Thriller"), "year": 1995})  # fmt: skip
+    bare = Item(item_id="b", title="Brazil (1985)")
+    renderer = PromptRenderer(PromptConfig(template="rerank", n_titles=1))
+    user = renderer.render(_state(), candidates=[heat, bare]).messages[1].content
+    assert "1. Heat (Action, Crime)\n2. Brazil\n" in user
