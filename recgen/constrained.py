@@ -218,7 +218,7 @@ class TrieView:
         return np.subtract(hi, lo) - inside if self._invert else inside
 
     def next_tokens(self, node: Node) -> list[int]:
-        """Tokens that continue ``node`` towards an allowed title (the end token at a title's end)."""
+        """Tokens that continue ``node`` towards an allowed title (the end token at its end)."""
         if node not in self._next:
             lo, hi, d = node
             if d >= self.trie.depth or hi <= lo:

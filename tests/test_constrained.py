@@ -226,8 +226,8 @@ def test_a_seen_duplicate_blocks_the_shared_title() -> None:
 
 def test_answer_dedupes_beams_by_item_and_counts_them() -> None:
     titles = _titles(_catalog())
-    beams = [(titles.titles.index(t), s) for t, s in
-             (("Matrix, The (1999)", -1.0), ("Fargo (1996)", -2.0), ("The Matrix (1999)", -3.0))]  # fmt: skip
+    picks = [("Matrix, The (1999)", -1.0), ("Fargo (1996)", -2.0), ("The Matrix (1999)", -3.0)]
+    beams = [(titles.titles.index(t), s) for t, s in picks]
     text, scores, duplicates = titles.answer(beams)
     assert text == "1. Matrix, The (1999)\n2. Fargo (1996)"
     assert scores == (-1.0, -2.0)
@@ -332,8 +332,16 @@ def test_shared_prefill_equals_beam_search_over_whole_prompts() -> None:
     batch = gen._tokenize(
         [_prompt("Name one film."), _prompt("A much longer prompt here, padded less.")]
     )
-    kw: dict[str, Any] = {"num_beams": 3, "num_return_sequences": 3, "max_new_tokens": 5, "do_sample": False,
-              "length_penalty": 0.0, "pad_token_id": EOS, "return_dict_in_generate": True, "output_scores": True}  # fmt: skip
+    kw: dict[str, Any] = {
+        "num_beams": 3,
+        "num_return_sequences": 3,
+        "max_new_tokens": 5,
+        "do_sample": False,
+        "length_penalty": 0.0,
+        "pad_token_id": EOS,
+        "return_dict_in_generate": True,
+        "output_scores": True,
+    }
     with torch.inference_mode():
         plain = gen.model.generate(**batch, **kw)
         shared = gen.model.generate(**batch, cache=_prefill(gen.model, batch, copies=3), **kw)
