@@ -41,11 +41,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from benchmark import BenchConfig, slug, traces_for, tune  # eval/benchmark.py, beside this file
 
+import recgen
 from recgen import adapters, data, splits
 from recgen.config import RecommenderConfig, load_config
 from recgen.evaluate import (
@@ -81,7 +83,7 @@ class AblationConfig:
     valid_users: int = 300
     """Seeded sample of validation examples on which each hybrid's llm_weight is tuned."""
     weights: tuple[float, ...] = BenchConfig.weights
-    ks: tuple[int, ...] = (5, 10, 20)
+    ks: tuple[int, ...] = (1, 5, 10, 20)
     adapter: Path | None = None
     threads: int = 2
     overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -137,11 +139,13 @@ def evaluate_variant(
     """Tune the hybrid on validation, trace the test examples once, score both rows."""
     variant = rec.config.interests.summary
     best, grid = tune(rec, valid, cfg.weights)
+    _, valid_seconds = traces_for(rec, valid)  # cached by tune: only its recorded time
     traces, seconds = traces_for(rec, test)
     notes: dict[str, object] = {
         "llm_weight": best,
         "valid NDCG@10 by llm_weight": {f"{w:g}": round(v, 4) for w, v in grid.items()},
         "LLM s/example": round(seconds / len(test), 3),
+        "LLM seconds (valid + test)": round(valid_seconds + seconds),
     }
     rows = []
     for mode, weights in zip(MODES, ({"llm_weight": 1.0, "collab_weight": 0.0},
@@ -159,8 +163,8 @@ def evaluate_variant(
 
 
 def prompt_stats(rec: Recommender, traces: list[Trace], full: list[Trace]) -> dict[str, float]:
-    """What the LLM was shown: recent items kept within the budget, prompt size, and how often
-    the prompt is the same as the full variant's."""
+    """What the LLM was shown (recent items kept within the budget, prompt size, how often the
+    prompt is the full variant's) and how its scores follow the listed (SASRec+) order."""
     prompts = [t.prompt for t in traces if t.prompt is not None]
     same = [
         a.prompt is not None and b.prompt is not None and a.prompt.messages == b.prompt.messages
@@ -170,7 +174,18 @@ def prompt_stats(rec: Recommender, traces: list[Trace], full: list[Trace]) -> di
         "recent items shown": float(np.mean([p.n_history for p in prompts])),
         "prompt tokens": float(np.mean([rec.renderer.prompt_tokens(p) for p in prompts])),
         "same prompt as full": float(np.mean(same)),
-    }
+        "top pick is candidate 1": float(np.mean([np.argmax(t.candidate_logits) == 0
+                                                  for t in traces])),
+        "rho(score, list order)": float(np.mean([follows_order(t.candidate_logits)
+                                                 for t in traces])),
+    }  # fmt: skip
+
+
+def follows_order(scores: tuple[float, ...]) -> float:
+    """Spearman correlation of the LLM's ranking of the candidates with their listed order
+    (1: it ranks them exactly as listed; logits practically never tie)."""
+    ranks = np.argsort(np.argsort(-np.asarray(scores)))
+    return float(np.corrcoef(ranks, np.arange(len(ranks)))[0, 1])
 
 
 def state_stats(full: list[Trace]) -> dict[str, float]:
@@ -201,7 +216,7 @@ def run(cfg: AblationConfig) -> dict[str, object]:
     sasrec = Recommender.fit(base, dataset=dataset, split=split).scorer  # SASRec+ on split.train
     results = [run_evaluation(ScorerRanker("SASRec+", sasrec, catalog), test,
                               run_dir=cfg.out / "sasrec", config=base, **kw)]  # fmt: skip
-    notes: dict[str, dict[str, object]] = {}
+    notes: dict[str, dict[str, Any]] = {}
     traces: dict[str, list[Trace]] = {}
     rows: dict[str, list[EvalResult]] = {}
     generator = None
@@ -214,12 +229,17 @@ def run(cfg: AblationConfig) -> dict[str, object]:
         generator = rec.generator
         rows[variant], traces[variant], notes[variant] = evaluate_variant(rec, test, valid, cfg, kw)
         notes[variant] |= prompt_stats(rec, traces[variant], traces["full"])
+        notes[variant]["template"] = f"{rec.renderer.template} {rec.renderer.template_hash}"
+    if len({n["template"] for n in notes.values()}) > 1:
+        raise SystemExit(f"the prompt template changed during the run: {notes}; run it again")
     results += [row for variant in VARIANTS for row in rows[variant]]
     return {
         "results": results, "notes": notes, "state": state_stats(traces["full"]),
         "split": split.info, "users": len({ex.user_id.split(":")[0] for ex in test}),
         "max_history": base.data.max_history, "recent_window": base.interests.recent_window,
         "valid_users": len({ex.user_id.split(":")[0] for ex in valid}),
+        "template": notes["full"]["template"],
+        "llm_minutes": sum(n["LLM seconds (valid + test)"] for n in notes.values()) / 60,
     }  # fmt: skip
 
 
@@ -227,7 +247,7 @@ def run(cfg: AblationConfig) -> dict[str, object]:
 
 
 def table(results: list[EvalResult], ks: tuple[int, ...]) -> str:
-    cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + ["MRR@10"]
+    cols = ["HR@1", *(f"{m}@{k}" for k in ks if k > 1 for m in ("HR", "NDCG")), "MRR@10"]
     head = ["method", "examples", *cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -256,6 +276,16 @@ def verdict(by_name: dict[str, EvalResult], run: dict) -> str:
     weights = ", ".join(f"{v} {run['notes'][v]['llm_weight']:g}" for v in VARIANTS)
     out = [f"What helps: {helps} Paired ΔNDCG@10: {'; '.join(pairs)}.",
            f"Tuned hybrid llm_weight: {weights}."]  # fmt: skip
+    notes = run["notes"]
+    top1 = ", ".join(f"{v} {notes[v]['top pick is candidate 1']:.0%}" for v in VARIANTS)
+    rho = ", ".join(f"{v} {notes[v]['rho(score, list order)']:.2f}" for v in VARIANTS)
+    out.append(
+        "The LLM's top pick is the first listed candidate (SASRec+'s own top item) in "
+        f"{top1} of the examples, and its scores follow the listed order (mean Spearman "
+        f"correlation {rho})"
+        + (": it ranks by list position far more than by what the summary says."
+           if min(notes[v]["top pick is candidate 1"] for v in VARIANTS) >= 0.9 else ".")
+    )  # fmt: skip
     shown_items = ", ".join(f"{v} {run['notes'][v]['recent items shown']:.1f}" for v in VARIANTS)
     out.append(
         "Every variant renders within the same rerank token budget, so what a variant leaves out "
@@ -283,7 +313,9 @@ def setup(cfg: AblationConfig, run: dict, seconds: float) -> str:
         f" --set {o}" for o in cfg.overrides)  # fmt: skip
     llm = f"the adapter `{cfg.adapter}`" if cfg.adapter else "the zero-shot embedded LLM"
     n_test = len(run["results"][0].user_ids)
-    return f"""Reproduce from the repository root: `{cmd}` ({seconds / 60:.0f} min).
+    return f"""Reproduce from the repository root: `{cmd}` ({run["llm_minutes"]:.0f} min of LLM \
+scoring; traces are cached in `.cache/benchmark-traces`, so a re-run only re-fuses them: this one \
+took {seconds / 60:.0f} min).
 
 Machine: {platform.machine()}, 2 cores, torch {torch.__version__} ({torch.get_num_threads()} \
 threads); other jobs may have shared the cores. Finished \
@@ -296,19 +328,22 @@ Data: MovieLens-100K, 5-core, global temporal split (every prefix with at most \
 training data) retrieves the top 20 unseen items and {llm} scores all 20 in one forward pass. \
 *LLM only* orders the 20 by the LLM's scores (so its HR@20 is SASRec+'s); *hybrid* fuses both, \
 with llm_weight tuned per variant over {list(cfg.weights)} (collab_weight 1) on \
-{cfg.valid_users} seeded validation examples ({run["valid_users"]} users).
+{cfg.valid_users} seeded validation examples ({run["valid_users"]} users). Prompt template \
+`{run["template"]}` (name and hash), recgen {recgen.__version__}.
 """
 
 
 def shown(run: dict) -> str:
     """A table of what the LLM saw per variant, and the drift on these histories."""
     head = ["variant", "recent items shown", "prompt tokens", "same prompt as full",
-            "LLM s/example", "hybrid llm_weight"]  # fmt: skip
+            "top pick is candidate 1", "Spearman(score, list order)", "LLM s/example",
+            "hybrid llm_weight"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in VARIANTS:
         n = run["notes"][v]
         lines.append(f"| {v} | {n['recent items shown']:.2f} | {n['prompt tokens']:.0f} | "
-                     f"{n['same prompt as full']:.0%} | {n['LLM s/example']:.2f} | "
+                     f"{n['same prompt as full']:.0%} | {n['top pick is candidate 1']:.0%} | "
+                     f"{n['rho(score, list order)']:.2f} | {n['LLM s/example']:.2f} | "
                      f"{n['llm_weight']:g} |")  # fmt: skip
     facts = ", ".join(f"{k}: {v:.2f}" for k, v in run["state"].items())
     return "\n".join(lines) + f"\n\nOn these test histories (full variant): {facts}.\n"
