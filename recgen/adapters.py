@@ -150,7 +150,28 @@ def write_adapter_meta(
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     dump_config(config, folder / "finetune.toml")
+    (folder / "README.md").write_text(_model_card(config, meta["summary"]), encoding="utf-8")
     return folder / META_FILE
+
+
+def _model_card(config: FinetuneConfig, summary: dict[str, Any]) -> str:
+    """A short, true model card (replacing peft's template of placeholders)."""
+    tasks = ", ".join(f"{k} {v:g}" for k, v in config.tasks.model_dump().items() if v)
+    facts = {
+        "method": config.method,
+        "base model": config.base_model,
+        "data": f"{config.data.source} ({config.data.protocol}), training split only",
+        "tasks (weights)": tasks,
+        "rerank loss": config.rerank_loss,
+        **{k.replace("_", " "): v for k, v in summary.items()},
+    }
+    rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
+    return (
+        f"# recgen {config.method} adapter\n\nA peft adapter for recgen's LLM. Load it with "
+        "`generation.adapter=<this folder>`; recgen refuses it on another base model or prompt "
+        "template version (`recgen_adapter.json`). The full config is `finetune.toml`, the "
+        f"per-step log `training_log.jsonl`.\n\n| | |\n|---|---|\n{rows}\n"
+    )
 
 
 def load_adapter_meta(folder: str | Path) -> dict[str, Any]:
