@@ -320,8 +320,9 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
         "" if cfg.datasets == BenchConfig.datasets else " --datasets " + " ".join(cfg.datasets)
     )
     cmd += "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in
-                   ("valid_users", "generate_users", "test_users", "speed_users")
+                   ("valid_users", "generate_users", "test_users", "speed_users", "threads")
                    if getattr(cfg, k) != getattr(BenchConfig, k))  # fmt: skip
+    cmd += f" --methods '{cfg.methods}'" if cfg.methods else ""
     cmd += "".join(f" --set {o}" for o in cfg.overrides)
     body = [
         "# recgen benchmark: every method side by side\n",
