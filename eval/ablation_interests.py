@@ -299,7 +299,9 @@ def verdict(by_name: dict[str, EvalResult], run: dict) -> str:
             f"{run['max_history']} items and the recent window is {run['recent_window']}, so "
             "rising and fading are always empty and `full` adds to `static` only a 'Recent "
             "tastes' line (its labels differ from the long-term ones for "
-            f"{state['recent tastes != long-term']:.0%} of the examples)."
+            f"{state['recent tastes != long-term']:.0%} of the examples); "
+            "`--set interests.recent_window=5` gives it drift to show "
+            "(`ablation-interests-window5.md`)."
         )
     return " ".join(out)
 
@@ -355,7 +357,9 @@ def report(cfg: AblationConfig, run: dict, seconds: float) -> Path:
     pair = {m: [by_name[f"{v}: {m}"] for v in VARIANTS] for m in MODES}
     hybrids = [results[0], *(by_name[f"{v}: hybrid"] for v in VARIANTS)]
     body = [
-        "# Dynamic-interest ablation on the temporal split (MovieLens-100K)\n",
+        "# Dynamic-interest ablation on the temporal split (MovieLens-100K)"
+        + "".join(f", `{o}`" for o in cfg.overrides)
+        + "\n",
         setup(cfg, run, seconds),
         "## Results\n",
         table(results, cfg.ks),
