@@ -19,6 +19,9 @@ import random
 import re
 from pathlib import Path
 
+from recgen.adapter_data import explain_item
+from recgen.types import InterestState, Item, Parsed
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -34,11 +37,10 @@ def main() -> None:
     import torch
 
     from recgen import data, splits
-    from recgen.adapter_data import explain_item
     from recgen.adapters import FinetuneConfig, check_adapter, inference_prompt
     from recgen.config import GenerationConfig, load_config
     from recgen.generation import make_generator
-    from recgen.interests import build_interest_state, item_labels
+    from recgen.interests import build_interest_state
     from recgen.parsing import parse_generation
     from recgen.prompting import PromptRenderer
 
@@ -50,7 +52,7 @@ def main() -> None:
     catalog = dataset.catalog
     split = splits.split_dataset(dataset, config.data)
     examples = random.Random(args.seed).sample(list(split.valid), k=args.users)
-    vocabulary = {label for item in catalog for label in item_labels(item)}
+    vocabulary = {label for item in catalog for label in item.labels}
     # 2. explain prompts (the held-out item as the only candidate), rendered as in training
     base_cfg = GenerationConfig(model=config.base_model, max_new_tokens=48, batch_size=8)
     models = {
@@ -74,8 +76,7 @@ def main() -> None:
     for name, generator in models.items():
         checks = []
         for gen, item, state in zip(generator.generate(prompts), items, states, strict=True):
-            checks.append(check(parse_generation(gen), item, state, vocabulary, explain_item,
-                                item_labels))  # fmt: skip
+            checks.append(check(parse_generation(gen), item, state, vocabulary))
         table[name] = {key: round(sum(c[key] for c in checks) / len(checks), 3)
                        for key in checks[0] if key != "text"}  # fmt: skip
         samples[name] = [c["text"] for c in checks[:3]]
@@ -92,11 +93,11 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2))
 
 
-def check(parsed, item, state, vocabulary, explain_item, item_labels) -> dict:
+def check(parsed: Parsed, item: Item, state: InterestState, vocabulary: set[str]) -> dict:
     """The checks of one answer (1 = passed) and its first line as text."""
     first = parsed.candidates[0] if parsed.candidates else None
     why = first.explanation if first else ""
-    own = set(item_labels(item))
+    own = set(item.labels)
     named = {label for label in vocabulary if re.search(rf"\b{re.escape(label)}\b", why)}
     return {
         "parsed": int(first is not None),

@@ -283,8 +283,9 @@ def encode_example(
     if label_prefix is not None:
         if not answer.startswith(label_prefix):
             raise DataError(f"label_prefix {label_prefix!r} does not start answer {answer!r}")
-        stop = len(tokenizer(prompt + label_prefix, add_special_tokens=False)["input_ids"])
-        if ids[:stop] != tokenizer(prompt + label_prefix, add_special_tokens=False)["input_ids"]:
+        head = tokenizer(prompt + label_prefix, add_special_tokens=False)["input_ids"]
+        stop = len(head)
+        if ids[:stop] != head:
             raise DataError(f"label_prefix {label_prefix!r} does not end on a token boundary")
         labels[stop:] = [-100] * (len(ids) - stop)
     return ids, labels
