@@ -144,7 +144,7 @@ def recommend(
 @_with_config
 @click.option(
     "--method",
-    type=click.Choice(["popular", "sasrec", "recgen"]),
+    type=click.Choice(["popular", "sasrec", "ease", "transitions", "ensemble", "recgen"]),
     default="recgen",
     show_default=True,
     help="Which ranker to evaluate.",

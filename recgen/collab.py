@@ -1,15 +1,15 @@
-"""Collaborative scorers over catalog positions: most-popular and SASRec+ (full cross-entropy)."""
+"""Collaborative scorers over catalog positions: most-popular, SASRec+ (full cross-entropy), and
+the ensemble of SASRec+ with the item-to-item scorers of ``recgen.itemsim``."""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,49 +17,25 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from recgen.config import CollabConfig, SASRecConfig, dump_config, load_config
-from recgen.errors import ConfigError, IndexMismatchError
+from recgen._scoring import Scorer, check_fitted, read_meta, write_meta
+from recgen.config import CollabConfig, EnsembleConfig, SASRecConfig, dump_config, load_config
+from recgen.errors import ConfigError
+from recgen.itemsim import EASEScorer, TransitionScorer
 from recgen.types import Catalog, History
 
-__all__ = ["PopularityScorer", "SASRecScorer", "Scorer", "fit_scorer", "load_scorer"]
+__all__ = [
+    "EASEScorer",
+    "EnsembleScorer",
+    "PopularityScorer",
+    "SASRecScorer",
+    "Scorer",
+    "TransitionScorer",
+    "ensemble",
+    "fit_scorer",
+    "load_scorer",
+]
 
 _log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    """Scores every catalog item for each history (higher is better)."""
-
-    name: str
-
-    def score(self, histories: Sequence[History]) -> np.ndarray:
-        """Shape ``(len(histories), len(catalog))``, columns in catalog order."""
-        ...
-
-
-def _check_fitted(scorer: object, fitted: bool) -> None:
-    if not fitted:
-        raise ConfigError(f"{type(scorer).__name__} is not fitted: call fit() or load() first")
-
-
-def _write_meta(path: Path, kind: str, catalog: Catalog, **extra: Any) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": kind, "catalog_fingerprint": catalog.fingerprint(), "n_items": len(catalog)}
-    (path / "meta.json").write_text(json.dumps(meta | extra, indent=2), encoding="utf-8")
-
-
-def _read_meta(path: Path, catalog: Catalog) -> dict[str, Any]:
-    meta_file = Path(path) / "meta.json"
-    if not meta_file.is_file():
-        raise ConfigError(f"{path} is not a saved scorer (no meta.json)")
-    meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
-    if meta.get("catalog_fingerprint") != catalog.fingerprint():
-        raise IndexMismatchError(
-            f"scorer in {path} was fitted on catalog {meta.get('catalog_fingerprint')} "
-            f"({meta.get('n_items')} items), not on {catalog.name!r} ({catalog.fingerprint()}, "
-            f"{len(catalog)} items): refit it on this catalog"
-        )
-    return meta
 
 
 # --------------------------------------------------------------------------- popularity
@@ -86,7 +62,7 @@ class PopularityScorer:
 
     def score(self, histories: Sequence[History]) -> np.ndarray:
         """The training counts, repeated for each history."""
-        _check_fitted(self, self.catalog is not None)
+        check_fitted(self, self.catalog is not None)
         return np.tile(self.counts, (len(histories), 1))
 
     def save(self, path: str | Path) -> Path:
@@ -94,14 +70,14 @@ class PopularityScorer:
         if self.catalog is None:
             raise ConfigError("PopularityScorer is not fitted: call fit() or load() first")
         path = Path(path)
-        _write_meta(path, "popular", self.catalog)
+        write_meta(path, "popular", self.catalog)
         np.save(path / "counts.npy", self.counts)
         return path
 
     @classmethod
     def load(cls, path: str | Path, catalog: Catalog) -> PopularityScorer:
         """Reload from ``save``; raises IndexMismatchError for another catalog."""
-        _read_meta(Path(path), catalog)
+        read_meta(Path(path), catalog)
         scorer = cls()
         scorer.catalog, scorer.counts = catalog, np.load(Path(path) / "counts.npy")
         return scorer
@@ -350,7 +326,7 @@ class SASRecScorer:
         """Write config, weights, training log and the catalog fingerprint to folder ``path``."""
         model, catalog = self._fitted()
         path = Path(path)
-        _write_meta(
+        write_meta(
             path,
             "sasrec",
             catalog,
@@ -367,7 +343,7 @@ class SASRecScorer:
     def load(cls, path: str | Path, catalog: Catalog) -> SASRecScorer:
         """Reload from ``save``; raises IndexMismatchError for another catalog."""
         path = Path(path)
-        meta = _read_meta(path, catalog)
+        meta = read_meta(path, catalog)
         scorer = cls()
         scorer.config = load_config(path / "config.toml", model=SASRecConfig)
         scorer.catalog = catalog
@@ -381,6 +357,108 @@ class SASRecScorer:
         return scorer
 
 
+# --------------------------------------------------------------------------- ensemble
+
+
+def _zscore(scores: np.ndarray) -> np.ndarray:
+    """Each row centred and scaled to unit deviation over the catalog (constant rows: 0)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    std = scores.std(axis=1, keepdims=True)
+    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+class _Memo:
+    """A scorer that remembers its last batch (tuning re-scores the same validation histories)."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer, self.name = scorer, scorer.name
+        self._cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def score(self, histories: Sequence[History]) -> np.ndarray:
+        """The member's z-scored scores, computed once per batch of history objects."""
+        key = tuple(id(h) for h in histories)
+        if key not in self._cache:
+            self._cache[key] = _zscore(self.scorer.score(histories))
+        return self._cache[key]
+
+
+class EnsembleScorer:
+    """A weighted sum of member scorers' per-user z-scored scores.
+
+    Members see different things: SASRec+ the order of the whole history, EASE which items go
+    together, transitions what follows the newest items. Weights are fixed in the config or
+    tuned on the validation split when fitting (the first member keeps weight 1).
+    """
+
+    name = "ensemble"
+
+    def __init__(self, members: Sequence[Scorer] = (), weights: Sequence[float] = ()) -> None:
+        if len(members) != len(weights):
+            raise ConfigError(f"{len(members)} ensemble members but {len(weights)} weights")
+        self.members, self.weights = list(members), [float(w) for w in weights]
+        self.catalog: Catalog | None = None
+        self.tuning: list[dict[str, Any]] = []
+        """Every weight vector tried on validation, with its NDCG@10."""
+
+    def score(self, histories: Sequence[History]) -> np.ndarray:
+        """The weighted sum of the members' z-scored scores (zero-weight members skipped)."""
+        check_fitted(self, bool(self.members))
+        out = np.zeros(0)
+        for member, weight in zip(self.members, self.weights, strict=True):
+            if weight == 0 and out.size:
+                continue
+            scores = member.score(histories)
+            part = weight * (scores if isinstance(member, _Memo) else _zscore(scores))
+            out = part if not out.size else out + part
+        return out.astype(np.float32)
+
+    def tune(self, validate: Callable[[Scorer], float], grid: Sequence[float]) -> EnsembleScorer:
+        """Coordinate ascent over ``grid`` for every weight but the first, twice, keeping the
+        best validation metric (ties keep the earlier, smaller weight)."""
+        real = self.members
+        self.members = [_Memo(m) for m in real]
+        weights = [1.0] + [0.0] * (len(real) - 1)
+        best = self._try(validate, weights)
+        for _ in range(2):
+            for k in range(1, len(weights)):
+                for w in grid:
+                    trial = [*weights[:k], float(w), *weights[k + 1 :]]
+                    if trial != weights and (metric := self._try(validate, trial)) > best:
+                        best, weights = metric, trial
+        self.members, self.weights = real, weights
+        _log.info("ensemble weights %s: validation NDCG@10 %.4f",
+                  dict(zip([m.name for m in real], weights, strict=True)), best)  # fmt: skip
+        return self
+
+    def _try(self, validate: Callable[[Scorer], float], weights: list[float]) -> float:
+        self.weights = weights
+        metric = float(validate(self))
+        self.tuning.append({"weights": list(weights), "valid_ndcg10": metric})
+        return metric
+
+    def save(self, path: str | Path) -> Path:
+        """Write every member into a subfolder, the weights and tuning log into meta.json."""
+        check_fitted(self, self.catalog is not None)
+        assert self.catalog is not None
+        path = Path(path)
+        names = [m.name for m in self.members]
+        for member in self.members:
+            member.save(path / member.name)  # type: ignore[attr-defined]
+        write_meta(path, "ensemble", self.catalog, members=names, weights=self.weights,
+                   tuning=self.tuning)  # fmt: skip
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, catalog: Catalog) -> EnsembleScorer:
+        """Reload from ``save``; raises IndexMismatchError for another catalog."""
+        path = Path(path)
+        meta = read_meta(path, catalog)
+        members = [load_scorer(path / name, catalog=catalog) for name in meta["members"]]
+        scorer = cls(members, meta["weights"])
+        scorer.catalog, scorer.tuning = catalog, list(meta.get("tuning", []))
+        return scorer
+
+
 # --------------------------------------------------------------------------- factories
 
 
@@ -389,13 +467,23 @@ def fit_scorer(
     *,
     train: Mapping[str, History],
     catalog: Catalog,
-    validate: Callable[[SASRecScorer], float] | None = None,
+    validate: Callable[[Any], float] | None = None,
     show_progress: bool = True,
 ) -> Scorer:
     """Fit the configured collaborative scorer on the training histories.
 
+    Args:
+        config: Which scorer, with its settings.
+        train: user_id -> training history (oldest first).
+        catalog: The items scores refer to.
+        validate: Validation NDCG@10 of a scorer: SASRec+ stops early on it, the ensemble tunes
+            its weights on it (without it, SASRec+ trains ``max_epochs`` and the ensemble
+            needs ``ensemble.weights``).
+        show_progress: Show SASRec+'s progress bar.
+
     Raises:
-        ConfigError: for ``method="none"`` (there is nothing to fit).
+        ConfigError: for ``method="none"`` (there is nothing to fit), or an ensemble with
+            neither weights nor ``validate``.
     """
     if config.method == "popular":
         return PopularityScorer().fit(train, catalog)
@@ -403,9 +491,57 @@ def fit_scorer(
         return SASRecScorer().fit(
             train, catalog, config.sasrec, validate=validate, show_progress=show_progress
         )
+    if config.method == "ease":
+        return EASEScorer().fit(train, catalog, config.ease)
+    if config.method == "transitions":
+        return TransitionScorer().fit(train, catalog, config.transitions)
+    if config.method == "ensemble":
+        return _fit_ensemble(config, config.ensemble, train, catalog, validate, show_progress)
     raise ConfigError(
-        f"collab.method={config.method!r} has no scorer to fit; use 'popular' or 'sasrec'"
+        f"collab.method={config.method!r} has no scorer to fit; use 'ensemble', 'sasrec', "
+        "'ease', 'transitions' or 'popular'"
     )
+
+
+def _fit_ensemble(
+    config: CollabConfig,
+    ens: EnsembleConfig,
+    train: Mapping[str, History],
+    catalog: Catalog,
+    validate: Callable[[Any], float] | None,
+    show_progress: bool,
+) -> EnsembleScorer:
+    members = [
+        fit_scorer(config.model_copy(update={"method": m}), train=train, catalog=catalog,
+                   validate=validate, show_progress=show_progress)
+        for m in ens.members
+    ]  # fmt: skip
+    return ensemble(members, ens, catalog=catalog, validate=validate)
+
+
+def ensemble(
+    members: Sequence[Scorer],
+    config: EnsembleConfig,
+    *,
+    catalog: Catalog,
+    validate: Callable[[Any], float] | None,
+) -> EnsembleScorer:
+    """Combine fitted members (in ``config.members`` order) with the configured weights, or
+    with weights tuned by ``validate``.
+
+    Raises:
+        ConfigError: with neither ``config.weights`` nor ``validate``.
+    """
+    if config.weights is None and validate is None:
+        raise ConfigError(
+            "collab.method='ensemble' tunes its weights on validation: pass validate=..., or "
+            "set collab.ensemble.weights (one per member)"
+        )
+    scorer = EnsembleScorer(members, config.weights or [1.0] + [0.0] * (len(members) - 1))
+    scorer.catalog = catalog
+    if config.weights is None and validate is not None:
+        scorer.tune(validate, config.grid)
+    return scorer
 
 
 def load_scorer(path: str | Path, *, catalog: Catalog) -> Scorer:
@@ -415,9 +551,11 @@ def load_scorer(path: str | Path, *, catalog: Catalog) -> Scorer:
         ConfigError: if the folder holds no saved scorer or an unknown kind.
         IndexMismatchError: if it was fitted on another catalog.
     """
-    kind = _read_meta(Path(path), catalog).get("kind")
-    if kind == "popular":
-        return PopularityScorer.load(path, catalog)
-    if kind == "sasrec":
-        return SASRecScorer.load(path, catalog)
-    raise ConfigError(f"{path}/meta.json: unknown scorer kind {kind!r} (popular or sasrec)")
+    kinds: dict[str, Any] = {
+        "popular": PopularityScorer, "sasrec": SASRecScorer, "ease": EASEScorer,
+        "transitions": TransitionScorer, "ensemble": EnsembleScorer,
+    }  # fmt: skip
+    kind = read_meta(Path(path), catalog).get("kind")
+    if kind not in kinds:
+        raise ConfigError(f"{path}/meta.json: unknown scorer kind {kind!r} ({', '.join(kinds)})")
+    return kinds[kind].load(path, catalog)

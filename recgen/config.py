@@ -21,6 +21,8 @@ from recgen.errors import ConfigError
 __all__ = [
     "CollabConfig",
     "DataConfig",
+    "EASEConfig",
+    "EnsembleConfig",
     "GenerationConfig",
     "GroundingConfig",
     "InterestConfig",
@@ -28,6 +30,7 @@ __all__ = [
     "RankingConfig",
     "RecommenderConfig",
     "SASRecConfig",
+    "TransitionConfig",
     "cache_dir",
     "dump_config",
     "load_config",
@@ -203,11 +206,66 @@ class SASRecConfig(_Config):
         return self
 
 
+class EASEConfig(_Config):
+    """EASE (Steck 2019): a closed-form item-item linear model of which items go together."""
+
+    l2: float = Field(default=200.0, gt=0)
+    """L2 penalty on the item-item weights (larger: smoother, closer to popularity)."""
+    max_items: int = Field(default=20_000, ge=1)
+    """EASE inverts an items x items matrix; a larger catalog raises a ConfigError (use
+    ``transitions`` and ``sasrec`` there)."""
+
+
+class TransitionConfig(_Config):
+    """Next-item transition counts, voted by a history's last items with recency weights."""
+
+    window: int = Field(default=5, ge=1)
+    """How many of the newest history items vote."""
+    decay: float = Field(default=0.7, gt=0, le=1)
+    """The k-th newest item votes with weight ``decay ** k`` (the newest with 1)."""
+    skip: float = Field(default=0.5, ge=0)
+    """Weight of a transition that skips one item (``a -> c`` in ``a, b, c``)."""
+
+
+EnsembleMember = Literal["sasrec", "ease", "transitions", "popular"]
+
+
+class EnsembleConfig(_Config):
+    """A weighted sum of collaborative scorers' per-user z-scored scores."""
+
+    members: tuple[EnsembleMember, ...] = ("sasrec", "ease", "transitions")
+    """Scorers to combine; the first is the anchor, with weight 1."""
+    weights: tuple[float, ...] | None = None
+    """Fixed weights, one per member; None: chosen on the validation split at fit time
+    (coordinate ascent over ``grid`` for every member but the anchor, by NDCG@10)."""
+    grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
+    """Weights tried per member when tuning."""
+
+    @model_validator(mode="after")
+    def _check_members(self) -> EnsembleConfig:
+        if not self.members or len(set(self.members)) != len(self.members):
+            raise ValueError(
+                f"ensemble.members={list(self.members)} must be distinct and non-empty"
+            )
+        if self.weights is not None and len(self.weights) != len(self.members):
+            raise ValueError(
+                f"ensemble.weights has {len(self.weights)} values for {len(self.members)} "
+                f"members {list(self.members)}: give one weight per member, or none to tune them"
+            )
+        return self
+
+
 class CollabConfig(_Config):
     """The collaborative scorer: a baseline on its own, a prior and retriever in the pipeline."""
 
-    method: Literal["popular", "sasrec", "none"] = "sasrec"
+    method: Literal["popular", "sasrec", "ease", "transitions", "ensemble", "none"] = "ensemble"
+    """``ensemble`` (the default): SASRec+, EASE and recency-weighted transitions fused with
+    weights tuned on validation; it measured NDCG@10 .12 against SASRec+'s .10 on
+    MovieLens-100K (``eval/reports/benchmark.md``)."""
     sasrec: SASRecConfig = SASRecConfig()
+    ease: EASEConfig = EASEConfig()
+    transitions: TransitionConfig = TransitionConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
 
 
 class RankingConfig(_Config):
@@ -251,7 +309,7 @@ class RecommenderConfig(_Config):
         if self.ranking.mode == "rerank" and self.collab.method == "none":
             raise ValueError(
                 "ranking.mode='rerank' needs a collaborative scorer to retrieve candidates: "
-                "set collab.method to 'sasrec' or 'popular'"
+                "set collab.method to 'ensemble', 'sasrec' or 'popular'"
             )
         return self
 

@@ -16,7 +16,7 @@ import tomli_w
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from recgen.collab import Scorer, fit_scorer, load_scorer
+from recgen.collab import Scorer, ensemble, fit_scorer, load_scorer
 from recgen.config import CollabConfig, cache_dir, dump_config
 from recgen.errors import ConfigError, DataError, IndexMismatchError
 from recgen.metrics import DEFAULT_KS, Metrics, paired_test, score_rankings
@@ -310,6 +310,14 @@ def compare(
     return "\n".join(lines) + "\n"
 
 
+def _key_config(config: CollabConfig) -> dict[str, Any]:
+    """The part of ``config`` a scorer depends on (an ensemble: all of it), so that changing
+    one member's settings never refits the others."""
+    if config.method in ("sasrec", "ease", "transitions"):
+        return {"method": config.method, config.method: getattr(config, config.method).model_dump()}
+    return config.model_dump()
+
+
 def cached_scorer(
     config: CollabConfig, *, split: Split, catalog: Catalog, show_progress: bool = True
 ) -> Scorer:
@@ -322,7 +330,7 @@ def cached_scorer(
     """
     key = hashlib.sha256(
         json.dumps(
-            [catalog.fingerprint(), config.model_dump(), split.protocol, split.seed,
+            [catalog.fingerprint(), _key_config(config), split.protocol, split.seed,
              sorted((u, h.item_ids) for u, h in split.train.items()),
              [(ex.user_id, ex.target) for ex in split.valid]],
             sort_keys=True, default=str,
@@ -333,13 +341,19 @@ def cached_scorer(
         return load_scorer(path, catalog=catalog)
     except (ConfigError, IndexMismatchError, FileNotFoundError):
         pass
-    scorer = fit_scorer(
-        config,
-        train=split.train,
-        catalog=catalog,
-        validate=validation_callback(split.valid, catalog),
-        show_progress=show_progress,
-    )
+    validate = validation_callback(split.valid, catalog)
+    if config.method == "ensemble":  # members come from (and go to) the cache one by one
+        members = [
+            cached_scorer(config.model_copy(update={"method": m}), split=split, catalog=catalog,
+                          show_progress=show_progress)
+            for m in config.ensemble.members
+        ]  # fmt: skip
+        scorer = ensemble(members, config.ensemble, catalog=catalog, validate=validate)
+    else:
+        scorer = fit_scorer(
+            config, train=split.train, catalog=catalog, validate=validate,
+            show_progress=show_progress,
+        )  # fmt: skip
     if hasattr(scorer, "save"):
         scorer.save(path)  # type: ignore[attr-defined]
     return scorer

@@ -7,8 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recgen.collab import PopularityScorer, SASRecScorer, Scorer, fit_scorer, load_scorer
-from recgen.config import CollabConfig, SASRecConfig
+from recgen.collab import (
+    EnsembleScorer,
+    PopularityScorer,
+    SASRecScorer,
+    Scorer,
+    TransitionScorer,
+    ensemble,
+    fit_scorer,
+    load_scorer,
+)
+from recgen.config import CollabConfig, EnsembleConfig, SASRecConfig
 from recgen.errors import ConfigError, IndexMismatchError
 from recgen.types import Catalog, History, Item
 
@@ -157,3 +166,60 @@ def test_fit_scorer_dispatches_on_method(tmp_path: Path) -> None:
         fit_scorer(CollabConfig(method="none"), train=train, catalog=cat)
     with pytest.raises(ConfigError, match="not a saved scorer"):
         load_scorer(tmp_path, catalog=cat)
+
+
+def test_ensemble_tunes_weights_on_validation_and_round_trips(tmp_path: Path) -> None:
+    cat, train = _catalog(), _cyclic_train()
+    members = [PopularityScorer().fit(train, cat), TransitionScorer().fit(train, cat)]
+    probe = [History.create([f"i{s}", f"i{(s + 1) % N_ITEMS}"]) for s in range(N_ITEMS)]
+    truth = [(s + 2) % N_ITEMS for s in range(N_ITEMS)]
+
+    def validate(scorer: Scorer) -> float:  # share of probes whose next item is ranked first
+        return float((scorer.score(probe).argmax(axis=1) == truth).mean())
+
+    config = EnsembleConfig(members=("popular", "transitions"), grid=(0.0, 0.5, 2.0))
+    scorer = ensemble(members, config, catalog=cat, validate=validate)
+    assert scorer.weights[0] == 1.0
+    assert scorer.weights[1] > 0  # popularity alone is flat here: transitions must be used
+    assert validate(scorer) == 1.0
+    assert scorer.tuning[0] == {"weights": [1.0, 0.0], "valid_ndcg10": validate(members[0])}
+    scorer.save(tmp_path / "ens")
+    loaded = load_scorer(tmp_path / "ens", catalog=cat)
+    assert isinstance(loaded, EnsembleScorer)
+    assert loaded.weights == scorer.weights
+    assert np.allclose(loaded.score(probe), scorer.score(probe))
+
+
+def test_ensemble_scores_are_the_weighted_sum_of_z_scores() -> None:
+    cat, train = _catalog(), _cyclic_train()
+    pop, trans = PopularityScorer().fit(train, cat), TransitionScorer().fit(train, cat)
+    scorer = EnsembleScorer([trans, pop], [1.0, 0.3])
+    h = [History.create(["i1", "i2"]), History.create(["i7"])]
+
+    def z(a: np.ndarray) -> np.ndarray:
+        sd = a.std(axis=1, keepdims=True)
+        return (a - a.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1)
+
+    expected = z(trans.score(h)) + 0.3 * z(pop.score(h))
+    assert np.allclose(scorer.score(h), expected, atol=1e-5)
+
+
+def test_ensemble_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="one weight per member"):
+        EnsembleConfig(members=("sasrec", "ease"), weights=(1.0,))
+    with pytest.raises(ValueError, match="distinct"):
+        EnsembleConfig(members=("ease", "ease"))
+    with pytest.raises(ConfigError, match="tunes its weights on validation"):
+        fit_scorer(CollabConfig(method="ensemble"), train=_cyclic_train(), catalog=_catalog())
+
+
+def test_fit_scorer_builds_a_fixed_weight_ensemble() -> None:
+    cat, train = _catalog(), _cyclic_train()
+    config = CollabConfig(
+        method="ensemble",
+        ensemble=EnsembleConfig(members=("transitions", "ease"), weights=(1.0, 0.5)),
+    )
+    scorer = fit_scorer(config, train=train, catalog=cat)
+    assert isinstance(scorer, EnsembleScorer)
+    assert [m.name for m in scorer.members] == ["transitions", "ease"]
+    assert scorer.weights == [1.0, 0.5]

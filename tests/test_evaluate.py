@@ -219,3 +219,60 @@ def test_cached_scorer_fits_once_then_reloads(
     again = cached_scorer(CollabConfig(method="popular"), split=split, catalog=catalog)
     assert again is not first
     assert np.array_equal(again.score([train["u"]]), first.score([train["u"]]))
+
+
+def test_cached_ensemble_caches_and_reuses_its_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recgen.collab import EnsembleScorer
+    from recgen.config import CollabConfig, EnsembleConfig
+    from recgen.evaluate import cached_scorer
+    from recgen.types import Catalog, Example, History, Item, Split
+
+    monkeypatch.setenv("RECGEN_CACHE", str(tmp_path))
+    catalog = Catalog(items=tuple(Item(item_id=str(i), title=f"T{i}") for i in range(10)))
+    train = {f"u{u}": History.create([str((u + t) % 10) for t in range(4)]) for u in range(20)}
+    valid = tuple(
+        Example(user_id=u, history=h, target=str((int(h.item_ids[-1]) + 1) % 10))
+        for u, h in train.items()
+    )
+    split = Split(protocol="leave-one-out", train=train, valid=valid, test=valid, seed=0)
+    config = CollabConfig(
+        method="ensemble", ensemble=EnsembleConfig(members=("popular", "transitions"))
+    )
+    scorer = cached_scorer(config, split=split, catalog=catalog)
+    assert isinstance(scorer, EnsembleScorer)
+    assert scorer.weights[1] > 0  # popularity is flat on a cycle; transitions predict it
+    kinds = sorted(p.name.split("-")[0] for p in (tmp_path / "collab").iterdir())
+    assert kinds == ["ensemble", "popular", "transitions"]
+    alone = cached_scorer(CollabConfig(method="transitions"), split=split, catalog=catalog)
+    assert len(list((tmp_path / "collab").iterdir())) == 3  # reused, not refitted
+    h = [train["u0"]]
+    assert np.allclose(alone.score(h), scorer.members[1].score(h))
+    again = cached_scorer(config, split=split, catalog=catalog)
+    assert isinstance(again, EnsembleScorer)
+    assert again.weights == scorer.weights
+
+
+def test_item_scorers_fuse_better_than_alone_on_ml100k_test() -> None:
+    """EASE + transitions, weights tuned on validation, must beat each on the test split."""
+    if not (DATA / "ml-100k" / "u.data").is_file():
+        pytest.skip(f"real data not found at {DATA}/ml-100k (see ../shared/data/README.md)")
+    from recgen import data, splits
+    from recgen.collab import EASEScorer, TransitionScorer, ensemble
+    from recgen.config import EnsembleConfig
+    from recgen.evaluate import validation_callback
+
+    dataset = data.load_dataset(str(DATA / "ml-100k"), kcore=5)
+    split = splits.leave_one_out(dataset)
+    catalog = dataset.catalog
+    members = [TransitionScorer().fit(split.train, catalog), EASEScorer().fit(split.train, catalog)]
+    fused = ensemble(members, EnsembleConfig(members=("transitions", "ease")), catalog=catalog,
+                     validate=validation_callback(split.valid, catalog))  # fmt: skip
+    ndcg = {
+        s.name: run_evaluation(ScorerRanker(s.name, s, catalog), split.test, catalog=catalog,
+                               show_progress=False).summary()["NDCG@10"]
+        for s in (*members, fused)
+    }  # fmt: skip
+    assert fused.weights[1] > 0
+    assert ndcg["ensemble"] > max(ndcg["transitions"], ndcg["ease"]), ndcg
