@@ -2,9 +2,11 @@
 
     .venv/bin/python finetune/eval_rerank.py finetune/adapters/ml100k-lora --users 100
 
-Each validation user's candidates are the validation target plus SASRec's top unseen items (the
-adapter's own ``n_candidates``, shuffled), rendered by the rerank template exactly as in
-training. Every candidate is scored from one forward pass (``recgen.verbalizer``); the table
+Each validation user's candidates are built as the adapter's training candidates were: with
+``negatives = "retrieved"`` (LlamaRec's set-up), SASRec's top ``n_candidates`` unseen items in its
+order, for the users whose validation target SASRec retrieves (what a reranker can change); with
+``"sasrec"``, the target plus SASRec's top unseen items, shuffled. They are rendered by the rerank
+template exactly as in training. Every candidate is scored from one forward pass (``recgen.verbalizer``); the table
 compares the base model, the adapter, SASRec's own order of the same candidates and chance, by
 HR@1, HR@5 and NDCG over the candidate list. Validation targets are never trained on.
 """
@@ -66,12 +68,16 @@ def main() -> None:
     )
     tuned = PeftModel.from_pretrained(base, str(args.adapter)).eval()
     table["adapter"] = metrics(candidate_scores(tuned, tokenizer, prompts), targets)
-    sasrec = _sasrec(split, dataset.catalog).score([split.train[r["user_id"]] for r in rows])
+    sasrec = _sasrec(split, dataset.catalog, config.retriever).score(
+        [split.train[r["user_id"]] for r in rows]
+    )
     pos = dataset.catalog.position
     collab = [
         [float(s[pos(c)]) for c in r["candidates"]] for s, r in zip(sasrec, rows, strict=True)
     ]
-    table["SASRec order"] = metrics(collab, targets)
+    table["SASRec order" if config.retriever == "sasrec" else "retriever order"] = metrics(
+        collab, targets
+    )
     rng = np.random.default_rng(0)
     table["chance"] = metrics([rng.random(len(r["candidates"])).tolist() for r in rows], targets)
     # 4. report

@@ -98,8 +98,16 @@ def load_base(base_model: str, *, dtype: str = "float32") -> tuple[Any, Any]:
     return tokenizer, model
 
 
-def peft_config(config: FinetuneConfig) -> Any:
-    """The peft ``LoraConfig`` or ``PrefixTuningConfig`` for ``config``."""
+def peft_config(config: FinetuneConfig, *, num_layers: int | None = None) -> Any:
+    """The peft ``LoraConfig`` or ``PrefixTuningConfig`` for ``config``.
+
+    Args:
+        config: The run's configuration.
+        num_layers: The base model's decoder layers; needed with ``lora.top_layers``.
+
+    Raises:
+        ConfigError: if ``lora.top_layers`` is set without ``num_layers`` or exceeds it.
+    """
     import peft
 
     if config.method == "prefix":
@@ -109,12 +117,21 @@ def peft_config(config: FinetuneConfig) -> Any:
     targets: Any = (
         "all-linear" if config.lora.targets == ("all-linear",) else list(config.lora.targets)
     )
+    layers = None
+    if (top := config.lora.top_layers) is not None:
+        if num_layers is None or top > num_layers:
+            raise ConfigError(
+                f"lora.top_layers={top} needs a base model with at least that many decoder "
+                f"layers (it has {num_layers}): lower lora.top_layers or leave it unset"
+            )
+        layers = list(range(num_layers - top, num_layers))
     return peft.LoraConfig(
         task_type="CAUSAL_LM",
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
         target_modules=targets,
+        layers_to_transform=layers,
     )
 
 

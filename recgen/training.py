@@ -164,7 +164,8 @@ def _peft_model(config: FinetuneConfig, base: Any) -> Any:
     import peft
 
     if config.init_adapter is None:
-        return peft.get_peft_model(base, peft_config(config))
+        layers = getattr(base.config, "num_hidden_layers", None)
+        return peft.get_peft_model(base, peft_config(config, num_layers=layers))
     meta = check_adapter(config.init_adapter, base_model=config.base_model)
     if meta["method"] != config.method:
         raise ConfigError(

@@ -194,6 +194,36 @@ def test_rerank_examples_train_on_the_candidate_number_only(tiny: tuple[Any, Any
                    "summary" for r in others)  # fmt: skip
 
 
+def test_retrieved_rerank_examples_match_what_inference_sees(tiny: tuple[Any, Any]) -> None:
+    from recgen import ranking
+    from recgen.adapter_data import _held_out_split, _sasrec
+
+    dataset, split = tiny
+    only_rerank = {"rerank": 1, "next": 0, "explain": 0, "summary": 0}
+    train, valid, _ = _build(tiny, negatives="retrieved", holdout=3, tasks=only_rerank)
+    held = _held_out_split(split, 3)
+    for user, history in held.train.items():  # the retriever never saw the held-out targets
+        assert history.item_ids == split.train[user].item_ids[:-3]
+    retriever = _sasrec(held, dataset.catalog)
+    assert len(train) > 0
+    for row in train:
+        history = split.train[row["user_id"]]
+        assert row["position"] >= len(history) - 3  # a held-out position
+        prefix = history.head(row["position"])
+        top = ranking.top_n(retriever.score([prefix])[0], catalog=dataset.catalog,
+                            exclude=set(prefix.item_ids), n=4)  # fmt: skip
+        assert row["candidates"] == [item_id for item_id, _ in top]  # its order, unshuffled
+        assert row["candidates"][row["target_index"] - 1] == row["target"]
+    pipeline_retriever = _sasrec(split, dataset.catalog)
+    assert len(valid) > 0
+    for row in valid:
+        ex = next(e for e in split.valid if e.user_id == row["user_id"])
+        top = ranking.top_n(pipeline_retriever.score([ex.history])[0], catalog=dataset.catalog,
+                            exclude=set(ex.history.item_ids), n=4)  # fmt: skip
+        assert row["candidates"] == [item_id for item_id, _ in top]
+        assert row["target"] == ex.target in row["candidates"]
+
+
 def test_too_long_examples_are_dropped() -> None:
     tok = FakeTokenizer()
     messages = (Message(role="user", content="word " * 50),)
@@ -458,3 +488,25 @@ def test_continual_update_starts_from_the_adapter(
     assert all((before[k] - after[k]).abs().max() < 1e-6 for k in before)  # lr ~ 0: unchanged
     meta = load_adapter_meta(tmp_path / "continued")
     assert meta["config"]["init_adapter"] == str(lora_run)
+
+
+def test_top_layers_adapt_only_the_last_decoder_layers() -> None:
+    pytest.importorskip("peft")
+    from recgen.adapters import peft_config
+
+    config = FinetuneConfig.model_validate({"lora": {"top_layers": 3}})
+    assert peft_config(config, num_layers=30).layers_to_transform == [27, 28, 29]
+    assert peft_config(FinetuneConfig(), num_layers=30).layers_to_transform is None
+    with pytest.raises(ConfigError, match="top_layers=3 needs a base model with at least"):
+        peft_config(config, num_layers=2)
+
+
+@pytest.mark.model
+def test_top_layers_run_trains_only_those_layers(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "top"
+    _train(tiny, out, lora={"r": 4, "alpha": 8, "top_layers": 2})
+    layers = {int(m.group(1)) for k in load_file(out / "adapter_model.safetensors")
+              if (m := re.search(r"layers\.(\d+)\.", k))}  # fmt: skip
+    assert layers == {28, 29}
