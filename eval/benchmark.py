@@ -8,11 +8,13 @@ A quicker look at one data set:
 
     .venv/bin/python eval/benchmark.py --datasets ml-100k --valid-users 200 --generate-users 48
 
-Methods whose LLM step costs one forward pass per user (``rerank``: SASRec+ retrieves
-``retrieve`` unseen items, the LLM scores them through the verbalizer, the scores are fused) run on
-every test user. Free generation (the LLM writes titles, grounded with MiniLM) costs ~100 tokens
-of decoding per user, so its rows run on a seeded sample of ``--generate-users`` test users, with
-SASRec+ scored on the same sample for their paired test. Every fusion weight is chosen on a
+Collaborative rows (most-popular, SASRec+, EASE, transitions and their validation-tuned
+ensemble, recgen's default retriever) run on every test user. Methods whose LLM step costs one
+forward pass per user (``rerank``: the ensemble retrieves ``retrieve`` unseen items, the LLM
+scores them through the verbalizer, the scores are fused) run on every test user too. Free
+generation (the LLM writes titles, grounded with MiniLM) costs ~100 tokens of decoding per user,
+so its rows run on a seeded sample of ``--generate-users`` test users, with SASRec+ and the
+ensemble scored on the same sample for their paired test. Every weight is chosen on a
 seeded sample of validation users; the test split is read once per method.
 """
 
@@ -33,12 +35,13 @@ import numpy as np
 import torch
 
 from recgen import __version__, data, splits
-from recgen.collab import PopularityScorer
+from recgen.collab import EnsembleScorer
 from recgen.config import RecommenderConfig, load_config
 from recgen.evaluate import (
     EvalResult,
     ListRanker,
     ScorerRanker,
+    cached_scorer,
     compare,
     popular_items,
     run_evaluation,
@@ -63,6 +66,10 @@ ADAPTERS = {
     }
 }
 """The committed adapters per data set (an adapter knows its own catalog's titles only)."""
+COLLAB = {"most-popular": "popular", "SASRec+": "sasrec", "EASE": "ease",
+          "transitions": "transitions", "ensemble": "ensemble"}  # fmt: skip
+"""The collaborative rows: label -> ``collab.method``. ``ensemble`` (SASRec+, EASE and
+transitions, weights tuned on validation) is recgen's default retriever and fusion prior."""
 RERANK = ["ranking.mode=rerank"]
 """Retrieve-then-rerank (the rerank budget, ``prompt.rerank_max_prompt_tokens``, applies)."""
 LLM_ONLY = "ranking.collab_weight=0"
@@ -83,6 +90,8 @@ class BenchConfig:
     """Seeded sample of test users for every other row (0: all; for quick looks only)."""
     weights: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
     """Grid of ``ranking.llm_weight`` (with ``collab_weight = 1``) tried on validation."""
+    gammas: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0)
+    """Grid of ``ranking.popularity_gamma`` (generate mode) tried on validation."""
     retrieve: int = 20
     ks: tuple[int, ...] = (1, 5, 10, 20)
     speed_users: int = 16
@@ -134,11 +143,11 @@ def methods(name: str) -> dict[str, list[str]]:
     trie = ["generation.decoding=trie", "generation.num_beams=20", "generation.batch_size=2"]
     out = {
         "LLM zero-shot (generate, LLM only)": ["ranking.collab_weight=0"],
-        "hybrid zero-shot (generate + SASRec+)": [],
+        "hybrid zero-shot (generate + ensemble)": [],
         "LLM zero-shot (trie decoding, LLM only)": [*trie, LLM_ONLY],
-        "hybrid zero-shot (trie decoding + SASRec+)": trie,
-        "LLM zero-shot (SASRec+ top-20 -> LLM rerank, LLM only)": [*RERANK, LLM_ONLY],
-        "hybrid zero-shot (SASRec+ top-20 -> LLM rerank)": RERANK,
+        "hybrid zero-shot (trie decoding + ensemble)": trie,
+        "LLM zero-shot (ensemble top-20 -> LLM rerank, LLM only)": [*RERANK, LLM_ONLY],
+        "hybrid zero-shot (ensemble top-20 -> LLM rerank)": RERANK,
     }
     for kind, adapter in ADAPTERS.get(name, {}).items():
         if not (adapter / "adapter_config.json").is_file():
@@ -146,8 +155,8 @@ def methods(name: str) -> dict[str, list[str]]:
         tuned = [f"generation.adapter={adapter}"]
         if kind == "LoRA":  # free generation with prefix-tuning runs one prompt at a time
             out[f"LLM {kind} (generate, LLM only)"] = [*tuned, LLM_ONLY]
-        out[f"LLM {kind} (SASRec+ top-20 -> LLM rerank, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
-        out[f"hybrid {kind} (SASRec+ top-20 -> LLM rerank)"] = [*tuned, *RERANK]
+        out[f"LLM {kind} (ensemble top-20 -> LLM rerank, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
+        out[f"hybrid {kind} (ensemble top-20 -> LLM rerank)"] = [*tuned, *RERANK]
     return out
 
 
@@ -187,18 +196,26 @@ def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], 
     return result
 
 
-def tune(rec: Recommender, valid: list[Example], grid: tuple[float, ...]) -> tuple[float, dict]:
-    """The llm_weight with the best validation NDCG@10 (grid order breaks ties)."""
+def tune(
+    rec: Recommender, valid: list[Example], grid: tuple[float, ...], gammas: tuple[float, ...]
+) -> tuple[dict[str, float], dict]:
+    """The llm_weight (and, in generate mode, BIGRec's popularity de-biasing gamma of grounding
+    scores) with the best validation NDCG@10; grid order breaks ties (smaller first)."""
     traces, _ = traces_for(rec, valid)
+    gammas = gammas if rec.config.ranking.mode == "generate" else (0.0,)
     scores = {}
-    for w in grid:
-        ranking = rec.config.ranking.model_copy(update={"llm_weight": w, "collab_weight": 1.0})
-        lists = rec.fuse_traces(traces, n=10, ranking=ranking)
-        m = score_rankings([[r.item_id for r in x] for x in lists], [ex.target for ex in valid],
-                           ks=(10,), n_catalog=len(rec.catalog))  # fmt: skip
-        scores[w] = m.summary()["NDCG@10"]
-    best = max(grid, key=lambda w: (scores[w], -grid.index(w)))
-    return best, scores
+    for g in gammas:
+        for w in grid:
+            ranking = rec.config.ranking.model_copy(
+                update={"llm_weight": w, "collab_weight": 1.0, "popularity_gamma": g}
+            )
+            lists = rec.fuse_traces(traces, n=10, ranking=ranking)
+            m = score_rankings([[r.item_id for r in x] for x in lists],
+                               [ex.target for ex in valid], ks=(10,), n_catalog=len(rec.catalog))  # fmt: skip
+            scores[(w, g)] = m.summary()["NDCG@10"]
+    keys = list(scores)
+    w, g = max(keys, key=lambda k: (scores[k], -keys.index(k)))
+    return {"llm_weight": w, "popularity_gamma": g}, scores
 
 
 def latency(rec: Recommender, examples: list[Example]) -> float:
@@ -225,15 +242,17 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
     popular = popular_items(split.train, catalog)
     out = cfg.out / name
     kw = {"catalog": catalog, "popular": popular, "ks": cfg.ks, "show_progress": False}
-    sasrec = Recommender.fit(base, dataset=dataset, split=split).scorer
     rows = []
-    for label, scorer in (("most-popular", PopularityScorer().fit(split.train, catalog)),
-                          ("SASRec+", sasrec)):  # fmt: skip
-        ranker = ScorerRanker(label, scorer, catalog)
-        r = run_evaluation(ranker, test, run_dir=out / label, **kw)
-        rows.append(Row(r, r.info["users_per_s"], r.seconds / len(test), sample=False))
-        if label == "SASRec+":
-            r2 = run_evaluation(ScorerRanker("SASRec+ (sample)", sasrec, catalog), gen_s, **kw)
+    for label, method in COLLAB.items():
+        collab = base.collab.model_copy(update={"method": method})
+        scorer = cached_scorer(collab, split=split, catalog=catalog, show_progress=False)
+        r = run_evaluation(ScorerRanker(label, scorer, catalog), test, run_dir=out / label,
+                           config=collab, extra=collab_notes(scorer), **kw)  # fmt: skip
+        rows.append(Row(r, r.info["users_per_s"], r.seconds / len(test), sample=False,
+                        notes=collab_notes(scorer)))  # fmt: skip
+        if method in ("sasrec", "ensemble"):
+            name = f"{label} (sample)"
+            r2 = run_evaluation(ScorerRanker(name, scorer, catalog), gen_s, **kw)
             rows.append(Row(r2, r2.info["users_per_s"], r2.seconds / len(gen_s), sample=True))
     for label, extra in methods(name).items():
         if cfg.methods and not re.search(cfg.methods, label):
@@ -242,6 +261,16 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
     meta = {"users": len(test), "items": len(catalog), "valid_sample": len(valid_s),
             "generate_sample": len(gen_s), "interactions": dataset.report.n_interactions}  # fmt: skip
     return rows, meta
+
+
+def collab_notes(scorer: object) -> dict[str, object]:
+    """An ensemble's members and validation-tuned weights (nothing for a single scorer)."""
+    if not isinstance(scorer, EnsembleScorer):
+        return {}
+    return {"ensemble weights (tuned on validation)":
+            {m.name: w for m, w in zip(scorer.members, scorer.weights, strict=True)},
+            "valid NDCG@10": round(max(t["valid_ndcg10"] for t in scorer.tuning), 4)
+            if scorer.tuning else None}  # fmt: skip
 
 
 def run_method(
@@ -255,11 +284,14 @@ def run_method(
     llm_only = config.ranking.collab_weight == 0
     sample = config.ranking.mode == "generate"
     if not llm_only:
-        best, grid = tune(rec, valid_s[: cfg.generate_users] if sample else valid_s, cfg.weights)
-        notes["valid NDCG@10 by llm_weight"] = {f"{w:g}": round(v, 4) for w, v in grid.items()}
-        notes["llm_weight"] = best
+        best, grid = tune(rec, valid_s[: cfg.generate_users] if sample else valid_s, cfg.weights,
+                          cfg.gammas)  # fmt: skip
+        notes["valid NDCG@10 by llm_weight" + (", gamma" if sample else "")] = {
+            (f"{w:g}, {g:g}" if sample else f"{w:g}"): round(v, 4) for (w, g), v in grid.items()
+        }
+        notes.update(best)
         rec.config = rec.config.model_copy(
-            update={"ranking": rec.config.ranking.model_copy(update={"llm_weight": best})}
+            update={"ranking": rec.config.ranking.model_copy(update=best)}
         )
     examples = gen_s if sample else test
     traces, seconds = traces_for(rec, examples)
