@@ -251,8 +251,7 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
         rows.append(Row(r, r.info["users_per_s"], r.seconds / len(test), sample=False,
                         notes=collab_notes(scorer)))  # fmt: skip
         if method in ("sasrec", "ensemble"):
-            name = f"{label} (sample)"
-            r2 = run_evaluation(ScorerRanker(name, scorer, catalog), gen_s, **kw)
+            r2 = run_evaluation(ScorerRanker(f"{label} (sample)", scorer, catalog), gen_s, **kw)
             rows.append(Row(r2, r2.info["users_per_s"], r2.seconds / len(gen_s), sample=True))
     for label, extra in methods(name).items():
         if cfg.methods and not re.search(cfg.methods, label):
@@ -355,6 +354,9 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
                    ("valid_users", "generate_users", "test_users", "speed_users", "threads")
                    if getattr(cfg, k) != getattr(BenchConfig, k))  # fmt: skip
     cmd += f" --methods '{cfg.methods}'" if cfg.methods else ""
+    out = cfg.out.resolve()
+    cmd += f" --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}" if (
+        out != BenchConfig.out) else ""  # fmt: skip
     cmd += "".join(f" --set {o}" for o in cfg.overrides)
     body = [
         "# recgen benchmark: every method side by side\n",
