@@ -42,7 +42,7 @@ def main() -> None:
     from peft import PeftModel
 
     from recgen import data, splits
-    from recgen.adapter_data import _sasrec, build_datasets, row_prompt
+    from recgen.adapter_data import _retriever, build_datasets, row_prompt
     from recgen.adapters import FinetuneConfig, check_adapter, load_base
     from recgen.config import load_config
     from recgen.verbalizer import candidate_scores
@@ -68,7 +68,7 @@ def main() -> None:
     )
     tuned = PeftModel.from_pretrained(base, str(args.adapter)).eval()
     table["adapter"] = metrics(candidate_scores(tuned, tokenizer, prompts), targets)
-    sasrec = _sasrec(split, dataset.catalog, config.retriever).score(
+    sasrec = _retriever(split, dataset.catalog, config.retriever).score(
         [split.train[r["user_id"]] for r in rows]
     )
     pos = dataset.catalog.position

@@ -349,7 +349,7 @@ def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> 
             return out
 
         return popular
-    scorer = _sasrec(split, catalog, config.retriever)
+    scorer = _retriever(split, catalog, config.retriever)
 
     def retrieved(
         histories: Sequence[History], excluded: Sequence[set[str]], k: int
@@ -384,17 +384,19 @@ def _held_out_split(split: Split, holdout: int) -> Split:
                  seed=split.seed, info=info)  # fmt: skip
 
 
-def _sasrec(split: Split, catalog: Catalog, method: str = "sasrec") -> collab.Scorer:
+def _retriever(
+    split: Split, catalog: Catalog, method: Literal["sasrec", "ensemble"] = "sasrec"
+) -> collab.Scorer:
     """The retriever (SASRec+ by default) fitted on the split's training data, cached under the
     pipeline's key, so training candidates come from the retriever the pipeline uses."""
-    return evaluate.cached_scorer(CollabConfig(method=method), split=split, catalog=catalog)  # type: ignore[arg-type]
+    return evaluate.cached_scorer(CollabConfig(method=method), split=split, catalog=catalog)
 
 
 # --------------------------------------------------------------------------- examples
 
 _DATA_KEYS = ("data", "interests", "prompt", "tasks", "samples", "valid_samples", "min_history",
-              "n_candidates", "negatives", "retriever", "holdout", "seed", "max_len", "new_since", "replay",
-              "rerank_loss")  # fmt: skip
+              "n_candidates", "negatives", "retriever", "holdout", "seed", "max_len",
+              "new_since", "replay", "rerank_loss")  # fmt: skip
 
 
 class _Builder:
@@ -433,16 +435,21 @@ class _Builder:
     def template_hashes(self) -> dict[str, str]:
         return {r.template: r.template_hash for r in self.renderers.values()}
 
+    def in_pool(self, timestamp: float | None, pool: str) -> bool:
+        """Whether a target at ``timestamp`` belongs to ``pool``: ``all``, ``new`` (after
+        ``new_since``) or ``old``."""
+        new = (timestamp or 0.0) > (self.config.new_since or 0.0)
+        return pool == "all" or new == (pool == "new")
+
     def windows(self, n: int, *, lookahead: int, pool: str) -> list[tuple[History, Item, int]]:
         """``n`` (history prefix, next item, position) windows, users drawn uniformly."""
         cfg = self.config
         eligible: list[tuple[History, list[int]]] = []
         for user in sorted(self.split.train):
             history = self.split.train[user]
-            ts = [e.timestamp for e in history.events]
             positions = [
                 t for t in range(cfg.min_history, len(history) - lookahead + 1)
-                if pool == "all" or ((ts[t] or 0.0) > (cfg.new_since or 0.0)) == (pool == "new")
+                if self.in_pool(history.events[t].timestamp, pool)
             ]  # fmt: skip
             if positions:
                 eligible.append((history, positions))
@@ -471,7 +478,7 @@ class _Builder:
         positions (for training windows there), else the pipeline's own (validation)."""
         split = _held_out_split(self.split, self.config.holdout) if held_out else self.split
         top = _top_unseen(
-            _sasrec(split, self.catalog, self.config.retriever), [h for h, _, _ in windows],
+            _retriever(split, self.catalog, self.config.retriever), [h for h, _, _ in windows],
             self.catalog,
             self.config.n_candidates,
         )  # fmt: skip
@@ -488,8 +495,7 @@ class _Builder:
         for user in sorted(self.split.train):
             history = self.split.train[user]
             for t in range(max(cfg.min_history, len(history) - cfg.holdout), len(history)):
-                new = (history.events[t].timestamp or 0.0) > (cfg.new_since or 0.0)
-                if pool == "all" or new == (pool == "new"):
+                if self.in_pool(history.events[t].timestamp, pool):
                     out.append((history.head(t), self.catalog[history.events[t].item_id], t))
         return out
 

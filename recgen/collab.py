@@ -368,17 +368,18 @@ def _zscore(scores: np.ndarray) -> np.ndarray:
 
 
 class _Memo:
-    """A scorer that remembers its last batch (tuning re-scores the same validation histories)."""
+    """A scorer that remembers every batch it scored (tuning re-scores the same validation
+    histories once per weight vector tried)."""
 
     def __init__(self, scorer: Scorer) -> None:
         self.scorer, self.name = scorer, scorer.name
         self._cache: dict[tuple[int, ...], np.ndarray] = {}
 
     def score(self, histories: Sequence[History]) -> np.ndarray:
-        """The member's z-scored scores, computed once per batch of history objects."""
+        """The member's scores, computed once per batch of history objects."""
         key = tuple(id(h) for h in histories)
         if key not in self._cache:
-            self._cache[key] = _zscore(self.scorer.score(histories))
+            self._cache[key] = self.scorer.score(histories)
         return self._cache[key]
 
 
@@ -407,8 +408,7 @@ class EnsembleScorer:
         for member, weight in zip(self.members, self.weights, strict=True):
             if weight == 0 and out.size:
                 continue
-            scores = member.score(histories)
-            part = weight * (scores if isinstance(member, _Memo) else _zscore(scores))
+            part = weight * _zscore(member.score(histories))
             out = part if not out.size else out + part
         return out.astype(np.float32)
 
@@ -511,12 +511,21 @@ def _fit_ensemble(
     validate: Callable[[Any], float] | None,
     show_progress: bool,
 ) -> EnsembleScorer:
+    _check_tunable(ens, validate)  # before fitting members, which can take minutes
     members = [
         fit_scorer(config.model_copy(update={"method": m}), train=train, catalog=catalog,
                    validate=validate, show_progress=show_progress)
         for m in ens.members
     ]  # fmt: skip
     return ensemble(members, ens, catalog=catalog, validate=validate)
+
+
+def _check_tunable(config: EnsembleConfig, validate: Callable[[Any], float] | None) -> None:
+    if config.weights is None and validate is None:
+        raise ConfigError(
+            "collab.method='ensemble' tunes its weights on validation: pass validate=..., or "
+            "set collab.ensemble.weights (one per member)"
+        )
 
 
 def ensemble(
@@ -532,11 +541,7 @@ def ensemble(
     Raises:
         ConfigError: with neither ``config.weights`` nor ``validate``.
     """
-    if config.weights is None and validate is None:
-        raise ConfigError(
-            "collab.method='ensemble' tunes its weights on validation: pass validate=..., or "
-            "set collab.ensemble.weights (one per member)"
-        )
+    _check_tunable(config, validate)
     scorer = EnsembleScorer(members, config.weights or [1.0] + [0.0] * (len(members) - 1))
     scorer.catalog = catalog
     if config.weights is None and validate is not None:

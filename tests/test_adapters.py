@@ -196,7 +196,7 @@ def test_rerank_examples_train_on_the_candidate_number_only(tiny: tuple[Any, Any
 
 def test_retrieved_rerank_examples_match_what_inference_sees(tiny: tuple[Any, Any]) -> None:
     from recgen import ranking
-    from recgen.adapter_data import _held_out_split, _sasrec
+    from recgen.adapter_data import _held_out_split, _retriever
 
     dataset, split = tiny
     only_rerank = {"rerank": 1, "next": 0, "explain": 0, "summary": 0}
@@ -204,7 +204,7 @@ def test_retrieved_rerank_examples_match_what_inference_sees(tiny: tuple[Any, An
     held = _held_out_split(split, 3)
     for user, history in held.train.items():  # the retriever never saw the held-out targets
         assert history.item_ids == split.train[user].item_ids[:-3]
-    retriever = _sasrec(held, dataset.catalog)
+    retriever = _retriever(held, dataset.catalog)
     assert len(train) > 0
     for row in train:
         history = split.train[row["user_id"]]
@@ -214,7 +214,7 @@ def test_retrieved_rerank_examples_match_what_inference_sees(tiny: tuple[Any, An
                             exclude=set(prefix.item_ids), n=4)  # fmt: skip
         assert row["candidates"] == [item_id for item_id, _ in top]  # its order, unshuffled
         assert row["candidates"][row["target_index"] - 1] == row["target"]
-    pipeline_retriever = _sasrec(split, dataset.catalog)
+    pipeline_retriever = _retriever(split, dataset.catalog)
     assert len(valid) > 0
     for row in valid:
         ex = next(e for e in split.valid if e.user_id == row["user_id"])
