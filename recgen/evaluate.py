@@ -29,6 +29,7 @@ __all__ = [
     "ScorerRanker",
     "cached_scorer",
     "compare",
+    "load_run",
     "popular_items",
     "run_evaluation",
     "validation_callback",
@@ -193,6 +194,42 @@ def _write_run(result: EvalResult, examples: Sequence[Example], rankings: list[l
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     report = f"# {result.name}\n\n{result.markdown()}"
     (run_dir / "report.md").write_text(report, encoding="utf-8")
+
+
+def load_run(run_dir: str | Path, *, popular: Collection[str] = ()) -> EvalResult:
+    """Re-read a run folder written by :func:`run_evaluation`: its per-user metrics are
+    recomputed from ``recs.jsonl`` (so committed runs can be compared with :func:`compare`).
+
+    Raises:
+        DataError: if the folder lacks ``metrics.json`` or ``recs.jsonl``, or a line of
+            ``recs.jsonl`` is not a JSON object with ``user_id``, ``target`` and ``items``.
+    """
+    path = Path(run_dir)
+    meta_path, recs_path = path / "metrics.json", path / "recs.jsonl"
+    for f in (meta_path, recs_path):
+        if not f.is_file():
+            raise DataError(f"{f} does not exist: pass a folder written by run_evaluation")
+    info = json.loads(meta_path.read_text(encoding="utf-8"))
+    users, targets, rankings = [], [], []
+    with recs_path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+                users.append(str(row["user_id"]))
+                targets.append(str(row["target"]))
+                rankings.append([str(i) for i in row["items"]])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(
+                    f"{recs_path}:{number}: expected a JSON object with user_id, target and "
+                    f"items ({err}); re-run the evaluation to rewrite the folder"
+                ) from err
+    ks = sorted({int(k.split("@")[1]) for k in info.get("summary", {}) if k.startswith("HR@")})
+    metrics = score_rankings(rankings, targets, ks=ks or DEFAULT_KS,
+                             n_catalog=int(info["n_catalog"]), popular=popular)  # fmt: skip
+    name = str(info.get("name", path.name))
+    info = {k: v for k, v in info.items() if k not in ("name", "summary")}
+    return EvalResult(name=name, user_ids=tuple(users), metrics=metrics,
+                      seconds=float(info.get("seconds", 0.0)), info=info, run_dir=path)  # fmt: skip
 
 
 def run_evaluation(

@@ -121,6 +121,25 @@ def test_run_evaluation_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert "| fixed | 5 |" in report
 
 
+def test_load_run_recomputes_the_per_user_metrics_of_a_run_folder(tmp_path: Path) -> None:
+    from recgen.evaluate import load_run
+
+    ranker = ScorerRanker("fixed", _FixedScorer(), _catalog())
+    result = run_evaluation(ranker, _examples(), catalog=_catalog(), popular={"i1"},
+                            run_dir=tmp_path / "run", show_progress=False)  # fmt: skip
+    loaded = load_run(tmp_path / "run", popular={"i1"})
+    assert loaded.name == "fixed"
+    assert loaded.user_ids == result.user_ids
+    assert loaded.summary() == pytest.approx(result.summary())
+    assert "(baseline)" in compare([result, loaded], baseline="fixed")
+    recs = tmp_path / "run" / "recs.jsonl"
+    recs.write_text(recs.read_text() + '{"user_id": "u9", "items": []}\n')
+    with pytest.raises(DataError, match=r"recs.jsonl:6: .*target"):
+        load_run(tmp_path / "run")
+    with pytest.raises(DataError, match=r"metrics\.json does not exist"):
+        load_run(tmp_path / "nowhere")
+
+
 def test_run_evaluation_accepts_a_plain_dict_config(tmp_path: Path) -> None:
     ranker = ScorerRanker("fixed", _FixedScorer(), _catalog())
     cfg = {"data": {"source": "ml-100k", "seed": 3}, "note": "x"}
