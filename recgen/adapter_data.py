@@ -144,6 +144,11 @@ class FinetuneConfig(_Config):
     verbalizer scores; LlamaRec's label), or the whole ``n. title | why`` answer, whose other
     ~20 tokens are easy and dilute the one hard token's gradient. Explanations are trained by
     the ``explain`` task either way."""
+    loss_norm: Literal["token", "example"] = "token"
+    """How a step's loss is averaged: over answer tokens (``token``: a 150-token ``next`` answer
+    then outweighs a one-token rerank label 150 to 1, whatever the task weights say), or per
+    example, then over examples (``example``: each example counts once, so ``[tasks]`` weights
+    are the tasks' shares of the gradient)."""
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0)

@@ -236,7 +236,9 @@ class _Run:
         return ids, mask, labels
 
     def _loss_sum(self, rows: Any) -> tuple[Any, int]:
-        """Summed cross-entropy over answer tokens (logits computed at answer positions only)."""
+        """Summed cross-entropy over answer tokens (logits computed at answer positions only)
+        and the number of terms: tokens, or with ``loss_norm = "example"`` the sum of each
+        example's mean token loss and the number of examples."""
         import torch.nn.functional as F
 
         ids, mask, labels = self._tensors(rows)
@@ -244,10 +246,19 @@ class _Run:
         keep = (targets != -100).any(0).nonzero().flatten()
         logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
         gold = targets[:, keep]
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), gold.reshape(-1), reduction="sum"
-        )
-        return loss, int((gold != -100).sum())
+        per_token = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), gold.reshape(-1), reduction="none"
+        ).reshape(gold.shape)  # ignored (-100) positions are 0
+        counts = (gold != -100).sum(1)
+        if self.config.loss_norm == "example":
+            has = counts > 0
+            return (per_token.sum(1)[has] / counts[has]).sum(), int(has.sum())
+        return per_token.sum(), int(counts.sum())
+
+    def _terms(self, labels: list[int]) -> int:
+        """Loss terms one example contributes (see ``_loss_sum``)."""
+        n = sum(1 for y in labels[1:] if y != -100)
+        return min(n, 1) if self.config.loss_norm == "example" else n
 
     # ------------------------------------------------------------------ loop
 
@@ -267,16 +278,12 @@ class _Run:
             started = time.perf_counter()
             self.model.train()
             rows = [self.train[batch] for batch in self.micro_batches(self.step)]
-            n_tokens = sum(
-                sum(1 for y in labels[1:] if y != -100)
-                for part in rows
-                for labels in part["labels"]
-            )
+            n_terms = sum(self._terms(labels) for part in rows for labels in part["labels"])
             total_loss = 0.0
             self.opt.zero_grad(set_to_none=True)
             for part in rows:  # one graph at a time: memory of one micro-batch
                 loss, _ = self._loss_sum(part)
-                (loss / max(n_tokens, 1)).backward()
+                (loss / max(n_terms, 1)).backward()
                 total_loss += loss.item()
             torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
             self.opt.step()
@@ -285,7 +292,7 @@ class _Run:
             took = time.perf_counter() - started
             self.seconds += took
             self.tokens += sum(len(ids) for part in rows for ids in part["input_ids"])
-            entry = {"step": self.step, "loss": round(total_loss / max(n_tokens, 1), 5),
+            entry = {"step": self.step, "loss": round(total_loss / max(n_terms, 1), 5),
                      "lr": self.sched.get_last_lr()[0], "seconds": round(took, 2)}  # fmt: skip
             self._log(entry)
             bar.update(1)

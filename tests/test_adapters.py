@@ -510,3 +510,38 @@ def test_top_layers_run_trains_only_those_layers(tiny: tuple[Any, Any], tmp_path
     layers = {int(m.group(1)) for k in load_file(out / "adapter_model.safetensors")
               if (m := re.search(r"layers\.(\d+)\.", k))}  # fmt: skip
     assert layers == {28, 29}
+
+
+@pytest.mark.parametrize("norm", ["token", "example"])
+def test_loss_norm_weighs_tokens_or_examples(norm: str) -> None:
+    """``example``: each example's mean token loss counts once, whatever its answer length."""
+    import torch
+    import torch.nn.functional as F
+
+    from recgen.training import _Run
+
+    torch.manual_seed(0)
+    table = torch.randn(8, 8)  # logits per input token id (a bigram "model")
+
+    class Bigram(torch.nn.Module):
+        def forward(self, input_ids: Any, attention_mask: Any, logits_to_keep: Any) -> Any:
+            return type("Out", (), {"logits": table[input_ids][:, logits_to_keep]})()
+
+    run = _Run.__new__(_Run)
+    run.config = FinetuneConfig.model_validate({**TINY, "loss_norm": norm})
+    run.model, run.tokenizer = Bigram(), FakeTokenizer()
+    # one label token in the first example, three in the second
+    rows = {"input_ids": [[3, 4, 5, 6], [3, 4, 5, 6, 7]],
+            "labels": [[-100, -100, -100, 6], [-100, -100, 5, 6, 7]]}  # fmt: skip
+    loss, terms = run._loss_sum(rows)
+
+    def ce(prev: int, gold: int) -> float:
+        return float(F.cross_entropy(table[prev][None], torch.tensor([gold])))
+
+    first, second = [ce(5, 6)], [ce(4, 5), ce(5, 6), ce(6, 7)]
+    if norm == "example":
+        assert terms == 2 == sum(run._terms(y) for y in rows["labels"])
+        assert float(loss) == pytest.approx(first[0] + sum(second) / 3, rel=1e-5)
+    else:
+        assert terms == 4 == sum(run._terms(y) for y in rows["labels"])
+        assert float(loss) == pytest.approx(sum(first) + sum(second), rel=1e-5)
