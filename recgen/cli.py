@@ -15,7 +15,7 @@ from rich.table import Table
 
 from recgen import data, evaluate, splits
 from recgen.config import RecommenderConfig, load_config
-from recgen.errors import RecgenError
+from recgen.errors import ConfigError, RecgenError
 from recgen.pipeline import Recommender, Trace
 from recgen.types import Catalog, Example, RecDataset
 
@@ -59,13 +59,45 @@ def _fit(cfg: RecommenderConfig) -> tuple[Recommender, RecDataset, list[Example]
     return rec, dataset, list(split.test)
 
 
+DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "finetune" / "adapters" / "ml100k-lora"
+"""The LoRA adapter committed with the repository (``finetune/ml100k-lora.toml``)."""
+
+
+def demo_adapter(cfg: RecommenderConfig, choice: str) -> str | None:
+    """The adapter the demo loads: ``auto`` picks the committed MovieLens-100K LoRA when the
+    config names no adapter, the data is ml-100k and the repository's folder is there (a
+    source checkout); ``none`` the base model; anything else is an adapter folder."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        if not (Path(choice) / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"--adapter {choice!r} is not a peft adapter folder (no adapter_config.json): "
+                "pass a folder written by finetune/train.py, 'auto' or 'none'"
+            )
+        return choice
+    if cfg.generation.adapter is not None:
+        return cfg.generation.adapter
+    committed = (DEMO_ADAPTER / "adapter_config.json").is_file()
+    return str(DEMO_ADAPTER) if cfg.data.source == "ml-100k" and committed else None
+
+
 @cli.command()
 @_with_config
 @click.option("--users", default=3, show_default=True, help="How many users to show.")
 @click.option("-n", "--n", "n", default=10, show_default=True, help="Recommendations per user.")
-def demo(config: Path | None, overrides: tuple[str, ...], users: int, n: int) -> None:
+@click.option(
+    "--adapter", default="auto", show_default=True,
+    help="A peft adapter folder; 'auto': the committed MovieLens-100K LoRA (when the data is "
+    "ml-100k and the repository's finetune/ folder is present); 'none': the base model.",
+)  # fmt: skip
+def demo(config: Path | None, overrides: tuple[str, ...], users: int, n: int, adapter: str) -> None:
     """Recommend for a few MovieLens-100K users and show every stage."""
     cfg = _config(config, overrides)
+    generation = cfg.generation.model_copy(update={"adapter": demo_adapter(cfg, adapter)})
+    cfg = cfg.model_copy(update={"generation": generation})
+    _console.print(f"LLM: {cfg.generation.model}" + (
+        f" + adapter {cfg.generation.adapter}" if cfg.generation.adapter else " (no adapter)"))  # fmt: skip
     with _console.status("loading data, fitting the collaborative model, loading the LLM"):
         rec, dataset, test = _fit(cfg)
     chosen = random.Random(cfg.seed).sample(test, k=min(users, len(test)))
