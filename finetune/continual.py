@@ -10,9 +10,10 @@
    adapter with a new week of data would.
 4. Validation users are split by their training history: *old* users have nothing after ``T``,
    *new* users do. The base model, the before- and after-adapters score each user's rerank
-   example (the validation target among SASRec's top unseen items, shuffled; never trained on).
+   example (the validation target among the candidates; never trained on).
    The report gives HR@1/HR@5/NDCG per group and checks forgetting: the after-adapter's NDCG on
-   old users must stay within ``--margin`` of the before-adapter's.
+   old users must stay within ``--margin`` of the before-adapter's. The candidates are built as
+   in training (``negatives = "retrieved"``: the retriever's top unseen items in its order).
 
 Writes ``eval/reports/continual-update.md`` (and ``.json``); the adapters go to ``--work``
 (not committed: they are an experiment's intermediate products).
@@ -127,6 +128,14 @@ def main() -> None:
     write_report(args, config, result)
 
 
+def candidates(config) -> str:
+    """How the validation candidates were built, in words (as ``build_datasets`` builds them)."""
+    if config.negatives == "retrieved":
+        return (f"the held-out {config.retriever}'s top {config.n_candidates} unseen items in its "
+                "order, for the users whose target it retrieves")  # fmt: skip
+    return f"the target and {config.negatives} negatives, shuffled"
+
+
 def write_report(args: argparse.Namespace, config, result: dict) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -150,8 +159,8 @@ def write_report(args: argparse.Namespace, config, result: dict) -> None:
         (
             f"Validation users: {result['groups']['old users']} old (no training interaction after "
             f"the cut), {result['groups']['new users']} new (some after it). Each ranks its "
-            f"validation target among {config.n_candidates} candidates (the target and SASRec's "
-            "top unseen items, shuffled) by the verbalizer's scores."
+            f"validation target among {config.n_candidates} candidates ({candidates(config)}) "
+            "by the verbalizer's scores."
         ),
         "",
         "| model | old HR@1 | old HR@5 | old NDCG | new HR@1 | new HR@5 | new NDCG |",
