@@ -155,6 +155,7 @@ def methods(name: str) -> dict[str, list[str]]:
         tuned = [f"generation.adapter={adapter}"]
         if kind == "LoRA":  # free generation with prefix-tuning runs one prompt at a time
             out[f"LLM {kind} (generate, LLM only)"] = [*tuned, LLM_ONLY]
+            out[f"hybrid {kind} (generate + ensemble)"] = tuned
         out[f"LLM {kind} (ensemble top-20 -> LLM rerank, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
         out[f"hybrid {kind} (ensemble top-20 -> LLM rerank)"] = [*tuned, *RERANK]
     return out
@@ -297,10 +298,10 @@ def run_method(
     lists = rec.fuse_traces(traces, n=max(cfg.ks), ranking=rec.config.ranking)
     ranker = ListRanker(label, {ex.user_id: [r.item_id for r in x]
                                 for ex, x in zip(examples, lists, strict=True)})  # fmt: skip
+    if sample:  # before run_evaluation, so metrics.json records them too
+        notes.update({k: round(v, 3) for k, v in output_stats(traces).items()})
     result = run_evaluation(ranker, examples, run_dir=cfg.out / dataset.name / slug(label),
                             config=rec.config, extra=notes, **kw)  # fmt: skip
-    if sample:
-        notes.update({k: round(v, 3) for k, v in output_stats(traces).items()})
     p50 = latency(rec, examples[: cfg.speed_users])
     return Row(result, len(examples) / seconds, p50, sample=sample, notes=notes)
 
@@ -323,6 +324,19 @@ def table(rows: list[Row], ks: tuple[int, ...]) -> str:
                      *(f"{s[c]:.4f}" for c in cols), f"{row.users_per_s:.1f}",
                      f"{row.p50_s:.3f}"]) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def fine_tuned_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """Each adapter's row with the zero-shot row of the same method, for a paired test on the
+    same users (labels differ only in "zero-shot" vs the adapter's kind)."""
+    by_name = {r.result.name: r for r in rows}
+    pairs = []
+    for row in rows:
+        for kind in ("LoRA", "prefix"):
+            twin = by_name.get(row.result.name.replace(f" {kind} (", " zero-shot (", 1))
+            if f" {kind} (" in row.result.name and twin is not None:
+                pairs.append((row, twin))
+    return pairs
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
@@ -380,6 +394,9 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
         if len(sampled) > 1:
             body += ["\n### Paired tests against SASRec+ on the generation sample\n",
                      compare([r.result for r in sampled], baseline="SASRec+ (sample)")]  # fmt: skip
+        for tuned, zero_shot in fine_tuned_pairs(rows):
+            body += [f"\n### Fine-tuned against zero-shot: {tuned.result.name}\n",
+                     compare([zero_shot.result, tuned.result], baseline=zero_shot.result.name)]  # fmt: skip
         body.append("\n### Notes per method (tuning grid, parse and grounding rates)\n")
         for r in rows:
             if r.notes:
