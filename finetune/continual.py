@@ -131,7 +131,7 @@ def main() -> None:
 def candidates(config) -> str:
     """How the validation candidates were built, in words (as ``build_datasets`` builds them)."""
     if config.negatives == "retrieved":
-        return (f"the held-out {config.retriever}'s top {config.n_candidates} unseen items in its "
+        return (f"the {config.retriever}'s top {config.n_candidates} unseen items in its "
                 "order, for the users whose target it retrieves")  # fmt: skip
     return f"the target and {config.negatives} negatives, shuffled"
 
