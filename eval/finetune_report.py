@@ -1,0 +1,210 @@
+"""Fine-tuning report: zero-shot vs LoRA vs prefix-tuning vs the classical baselines (ML-100K).
+
+    .venv/bin/python eval/finetune_report.py
+
+Computes nothing expensive: it reads what committed commands wrote and puts it side by side.
+
+- Test metrics (leave-one-out, HR/NDCG@5/10/20) per method, and the parse and grounding rates of
+  free generation: the run folders of ``eval/benchmark.py`` (``eval/reports/benchmark/ml-100k``).
+- Fine-tuned against zero-shot, paired on the same test users: recomputed from those folders'
+  ``recs.jsonl`` (``recgen.evaluate.load_run``).
+- Training time, throughput and peak memory: each adapter's ``recgen_adapter.json``.
+- Quality against training samples: validation NDCG in each adapter's ``training_log.jsonl``
+  (optimizer step x batch size x gradient accumulation = examples seen), with the base model's
+  and the retriever's NDCG on the same validation lists (``eval_rerank_valid.json``).
+- Explanation checks: ``eval_explain_valid.json`` (``finetune/eval_explain.py``).
+
+Writes ``eval/reports/finetune.md`` and ``eval/reports/finetune-samples.png``. A missing input
+is named in the report, never silently dropped. ``recs.jsonl`` is not committed (it would
+redistribute MovieLens interactions), so on a fresh clone run ``eval/benchmark.py`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from recgen.evaluate import EvalResult, compare, load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "eval" / "reports" / "benchmark" / "ml-100k"
+ADAPTERS = {"LoRA": ROOT / "finetune" / "adapters" / "ml100k-lora",
+            "prefix": ROOT / "finetune" / "adapters" / "ml100k-prefix"}  # fmt: skip
+ROWS = {
+    "most-popular": "most-popular",
+    "SASRec+": "SASRec+",
+    "ensemble (recgen's retriever)": "ensemble",
+    "zero-shot, free generation": "llm-zero-shot-generate-llm-only",
+    "LoRA, free generation": "llm-lora-generate-llm-only",
+    "zero-shot, rerank of the ensemble's top 20": "llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
+    "LoRA, rerank of the ensemble's top 20": "llm-lora-ensemble-top-20--llm-rerank-llm-only",
+    "prefix, rerank of the ensemble's top 20": "llm-prefix-ensemble-top-20--llm-rerank-llm-only",
+}  # fmt: skip
+"""Report label -> benchmark run folder. The LLM rows are the LLM's own order (no fusion)."""
+PAIRS = [
+    ("free generation", "llm-zero-shot-generate-llm-only", "llm-lora-generate-llm-only"),
+    ("rerank, LoRA", "llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
+     "llm-lora-ensemble-top-20--llm-rerank-llm-only"),
+    ("rerank, prefix", "llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
+     "llm-prefix-ensemble-top-20--llm-rerank-llm-only"),
+]  # fmt: skip
+"""Fine-tuned against zero-shot on the same users: (title, zero-shot folder, adapter folder)."""
+COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
+STATS = ("parse_rate", "grounded_rate")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=RUNS, help="benchmark run folders")
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "reports" / "finetune")
+    return parser.parse_args()
+
+
+def runs(folder: Path) -> tuple[dict[str, EvalResult], list[str]]:
+    found, missing = {}, []
+    for name in {*ROWS.values(), *(f for _, a, b in PAIRS for f in (a, b))}:
+        if (folder / name / "recs.jsonl").is_file():
+            found[name] = load_run(folder / name)
+        else:
+            missing.append(name)
+    return found, sorted(missing)
+
+
+def metrics_table(results: dict[str, EvalResult]) -> list[str]:
+    head = ["method", "test users", *COLUMNS, "parse rate", "grounded"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, folder in ROWS.items():
+        if folder not in results:
+            continue
+        r = results[folder]
+        s = r.summary()
+        stats = [f"{r.info[k]:.3f}" if k in r.info else "" for k in STATS]
+        lines.append("| " + " | ".join([label, str(len(r.user_ids)),
+                     *(f"{s[c]:.4f}" for c in COLUMNS), *stats]) + " |")  # fmt: skip
+    return lines
+
+
+def adapter_table(metas: dict[str, dict]) -> list[str]:
+    keys = ("steps", "train_examples", "best_step", "train_seconds", "tokens_per_second",
+            "peak_rss_gb")  # fmt: skip
+    lines = ["| adapter | " + " | ".join(k.replace("_", " ") for k in keys)
+             + " | best valid NDCG |", "|---|" + "---|" * (len(keys) + 1)]  # fmt: skip
+    for kind, meta in metas.items():
+        s = meta["summary"]
+        lines.append(f"| {kind} | " + " | ".join(str(s.get(k, "")) for k in keys)
+                     + f" | {s.get('best_valid', {}).get('ndcg', '')} |")  # fmt: skip
+    return lines
+
+
+def samples_curve(metas: dict[str, dict], path: Path) -> list[str]:
+    """Validation NDCG against training examples seen, per adapter (a table and a plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| adapter | examples seen | validation NDCG (20 candidates) |", "|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    refs: dict[str, float] = {}
+    for kind, folder in ADAPTERS.items():
+        if kind not in metas:
+            continue
+        cfg = metas[kind]["config"]
+        per_step = cfg["batch_size"] * cfg["grad_accum"]
+        points = [(row["step"] * per_step, row["ndcg"])
+                  for row in map(json.loads, (folder / "training_log.jsonl").open())
+                  if "ndcg" in row]  # fmt: skip
+        lines += [f"| {kind} | {x} | {y:.3f} |" for x, y in points]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=kind)
+        rerank = folder / "eval_rerank_valid.json"
+        if rerank.is_file():
+            table = json.loads(rerank.read_text())["table"]
+            refs.setdefault("zero-shot", table["base model (zero-shot)"]["NDCG"])
+            for name in ("retriever order", "SASRec order"):
+                if name in table:
+                    refs.setdefault(name, table[name]["NDCG"])
+            refs.setdefault("chance", table["chance"]["NDCG"])
+    for (name, y), style in zip(refs.items(), (":", "--", "-."), strict=False):
+        ax.axhline(y, linestyle=style, color="grey", linewidth=1)
+        ax.annotate(name, (0, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("training examples seen")
+    ax.set_ylabel("validation NDCG over 20 candidates")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    if refs:
+        lines += ["", "Same validation lists: " + ", ".join(f"{k} {v:.3f}" for k, v in refs.items())
+                  + " (`eval_rerank_valid.json`)."]  # fmt: skip
+    return lines
+
+
+def explain_table() -> list[str]:
+    lines: list[str] = []
+    for kind, folder in ADAPTERS.items():
+        path = folder / "eval_explain_valid.json"
+        if not path.is_file():
+            lines.append(f"- {kind}: no explanation check (`{path.relative_to(ROOT)}` is missing).")
+            continue
+        result = json.loads(path.read_text())
+        table = result["table"]
+        keys = list(next(iter(table.values())))
+        lines += [f"**{kind}** ({result['users']} validation users, seed {result['seed']}):", "",
+                  "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]  # fmt: skip
+        lines += [f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |"
+                  for name, row in table.items()]  # fmt: skip
+        for name, texts in result["samples"].items():
+            lines += ["", f"{name}, first answers:", *(f"- `{t}`" for t in texts)]
+        lines.append("")
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    results, missing = runs(args.runs)
+    metas = {kind: json.loads((folder / "recgen_adapter.json").read_text())
+             for kind, folder in ADAPTERS.items() if (folder / "recgen_adapter.json").is_file()}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = args.out.with_name(args.out.name + "-samples.png")
+    body = [
+        "# Fine-tuning: zero-shot vs LoRA vs prefix-tuning vs the classical baselines",
+        "",
+        (
+            "Reproduce: `.venv/bin/python eval/finetune_report.py` (reads the outputs of "
+            "`eval/benchmark.py`, `finetune/train.py`, `finetune/eval_rerank.py` and "
+            "`finetune/eval_explain.py`; see each section)."
+        ),
+        "",
+        "## MovieLens-100K leave-one-out, test split",
+        "",
+        (
+            "From `eval/reports/benchmark/ml-100k/` (`eval/benchmark.py`; free generation on its "
+            "seeded sample of test users, everything else on all of them). The LLM rows are the "
+            "LLM's own order, no fusion."
+        ),
+        "",
+        *metrics_table(results),
+        "",
+        "## Fine-tuned against zero-shot (paired, same users)",
+        "",
+    ]
+    for title, zero, tuned in PAIRS:
+        if zero in results and tuned in results:
+            body += [f"**{title}**", "",
+                     compare([results[zero], results[tuned]], baseline=results[zero].name)]  # fmt: skip
+    if missing:
+        body += [f"Not found (not run yet): {', '.join(f'`{m}`' for m in missing)}.", ""]
+    body += ["## Training: time and memory (2 CPU cores)", "", *adapter_table(metas), "",
+             "## Quality against training samples", "", *samples_curve(metas, png), "",
+             f"![validation NDCG against examples seen]({png.name})", "",
+             "## Explanation checks (validation users)", "", *explain_table()]  # fmt: skip
+    path = args.out.with_suffix(".md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(body) + "\n", encoding="utf-8")
+    print(path.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
