@@ -508,11 +508,17 @@ class _Builder:
         candidates: Sequence[Sequence[str]] | None = None,
     ) -> list[dict]:  # fmt: skip
         """Rendered, tokenized examples of ``task`` for the windows (too-long ones dropped);
-        rerank ``candidates``, when given, are used as they are (in their order)."""
+        rerank ``candidates``, when given, are listed in ``prompt.candidate_order``."""
         renderer = self.renderers[task]
         cap = self.config.prompt.max_title_chars
+        order, seed = self.config.prompt.candidate_order, self.config.seed
         cands: list[list[str]] = (
-            [list(c) for c in candidates] if candidates else [[] for _ in windows]
+            [
+                list(ranking.prompt_order(c, order, key=ranking.order_key(seed, h.user_id, t)))
+                for c, (h, _, t) in zip(candidates, windows, strict=True)
+            ]
+            if candidates
+            else [[] for _ in windows]
         )
         if task == "rerank" and windows and candidates is None:
             # Never a negative: the target, or anything the user has in the training split.

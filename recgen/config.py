@@ -100,6 +100,10 @@ class PromptConfig(_Config):
     """Token budget of rerank prompts. A rerank costs one forward pass over the prompt, so this
     sets its speed: 20 candidates with two labels each take ~250 tokens, the summary and a few
     recent items the rest."""
+    candidate_order: Literal["retrieved", "shuffled"] = "retrieved"
+    """Order of the rerank prompt's candidate list: the retriever's (LlamaRec), or ``shuffled``
+    with a seed of ``seed`` and the user (LLaRA, TALLRec), so the LLM has to judge the items
+    themselves: a model that copies the list's order (the zero-shot one does) scores chance."""
 
     def for_template(self, template: str, **update: object) -> PromptConfig:
         """A copy rendering ``template``, with the rerank budget when it is the rerank template."""

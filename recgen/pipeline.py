@@ -365,6 +365,13 @@ class Recommender:
             )
             for j, ex in enumerate(examples)
         ]
+        order = self.renderer.config.candidate_order
+        keys = [ranking.order_key(self.config.seed, ex.history.user_id, len(ex.history))
+                for ex in examples]  # fmt: skip
+        retrieved = [
+            ranking.prompt_order(cands, order, key=key)
+            for cands, key in zip(retrieved, keys, strict=True)
+        ]
         states = [self._state(ex.history) for ex in examples]
         prompts = [
             self.renderer.render(state, candidates=[self.catalog[c] for c in cands])

@@ -224,6 +224,25 @@ def test_retrieved_rerank_examples_match_what_inference_sees(tiny: tuple[Any, An
         assert row["target"] == ex.target in row["candidates"]
 
 
+def test_shuffled_rerank_examples_list_candidates_as_inference_does(tiny: tuple[Any, Any]) -> None:
+    from recgen import ranking
+
+    only_rerank = {"rerank": 1, "next": 0, "explain": 0, "summary": 0}
+    kept, _, _ = _build(tiny, negatives="retrieved", holdout=3, tasks=only_rerank)
+    prompt = {**TINY["prompt"], "candidate_order": "shuffled"}
+    train, _, _ = _build(tiny, negatives="retrieved", holdout=3, tasks=only_rerank, prompt=prompt)
+    assert len(train) == len(kept) > 0
+    moved = 0
+    for row, plain in zip(train, kept, strict=True):
+        assert (row["user_id"], row["position"]) == (plain["user_id"], plain["position"])
+        key = ranking.order_key(FinetuneConfig().seed, row["user_id"], row["position"])
+        expected = ranking.prompt_order(plain["candidates"], "shuffled", key=key)
+        assert row["candidates"] == list(expected)
+        assert row["candidates"][row["target_index"] - 1] == row["target"]
+        moved += row["candidates"] != plain["candidates"]
+    assert moved > 0
+
+
 def test_too_long_examples_are_dropped() -> None:
     tok = FakeTokenizer()
     messages = (Message(role="user", content="word " * 50),)

@@ -198,7 +198,7 @@ def test_fuse_traces_with_llm_only_weights_puts_llm_picks_first() -> None:
     assert recs[0].source == "llm"
 
 
-def _reranker(llm_weight: float, prefer_last: bool = True) -> Recommender:
+def _reranker(llm_weight: float, prefer_last: bool = True, *extra: str) -> Recommender:
     config = load_config(
         overrides=[
             "grounding.encoder=hash",
@@ -206,6 +206,7 @@ def _reranker(llm_weight: float, prefer_last: bool = True) -> Recommender:
             "ranking.mode=rerank",
             "ranking.retrieve=4",
             f"ranking.llm_weight={llm_weight}",
+            *extra,
         ]
     )
     rec = _recommender(config)
@@ -232,6 +233,23 @@ def test_rerank_mode_scores_the_retrieved_items_and_fuses_them() -> None:
     assert all(r.explanation for r in recs)
     assert recs[0].source == "hybrid"
     assert recs[5].source == "collab"
+
+
+def test_shuffled_rerank_prompts_list_a_seeded_permutation_and_score_the_right_items() -> None:
+    retrieved = _reranker(0.0).trace_batch([["1", "2"]], n=6)[0].retrieved
+    shuffled = "prompt.candidate_order=shuffled"
+    traces = [_reranker(10.0, True, shuffled, f"seed={s}").trace_batch([["1", "2"]], n=6)[0]
+              for s in range(6)]  # fmt: skip
+    orders = {t.retrieved for t in traces}
+    assert all(sorted(o) == sorted(retrieved) for o in orders)
+    assert len(orders) > 1, "the seed must change the order"
+    for trace in traces:
+        assert trace.prompt is not None
+        assert trace.prompt.candidates == trace.retrieved
+        # the fake scores the last listed candidate highest: that item, not a position, wins
+        assert trace.recommendations[0].item_id == trace.retrieved[-1]
+    again = _reranker(10.0, True, shuffled, "seed=3").trace_batch([["1", "2"]], n=6)[0]
+    assert again.retrieved == traces[3].retrieved
 
 
 def test_rerank_traces_refuse_with_other_weights() -> None:
