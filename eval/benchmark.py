@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from recgen import __version__, data, splits
+from recgen.adapters import inference_prompt
 from recgen.collab import EnsembleScorer
 from recgen.config import RecommenderConfig, load_config
 from recgen.evaluate import (
@@ -60,18 +61,24 @@ DATASETS = {
 }
 """Data overrides per data set (ML-100K with LlamaRec's 5-core filter; Amazon as shipped)."""
 ADAPTERS = {
-    "ml-100k": {
-        "LoRA": ROOT / "finetune" / "adapters" / "ml100k-lora",
-        "prefix": ROOT / "finetune" / "adapters" / "ml100k-prefix",
-    }
+    "ml-100k": [
+        ("LoRA", ROOT / "finetune" / "adapters" / "ml100k-lora"),
+        ("LoRA", ROOT / "finetune" / "adapters" / "ml100k-lora-shuffled"),
+        ("prefix", ROOT / "finetune" / "adapters" / "ml100k-prefix"),
+    ]
 }
-"""The committed adapters per data set (an adapter knows its own catalog's titles only)."""
+"""The committed adapters per data set, (kind, folder) (an adapter knows its own catalog's
+titles only). An adapter renders rerank prompts as it was trained, so its candidate order
+(``prompt.candidate_order``) picks which rerank rows it gets."""
 COLLAB = {"most-popular": "popular", "SASRec+": "sasrec", "EASE": "ease",
           "transitions": "transitions", "ensemble": "ensemble"}  # fmt: skip
 """The collaborative rows: label -> ``collab.method``. ``ensemble`` (SASRec+, EASE and
 transitions, weights tuned on validation) is recgen's default retriever and fusion prior."""
 RERANK = ["ranking.mode=rerank"]
 """Retrieve-then-rerank (the rerank budget, ``prompt.rerank_max_prompt_tokens``, applies)."""
+SHUFFLED = "prompt.candidate_order=shuffled"
+"""Rerank prompts list the candidates in a seeded random order: the LLM cannot copy the
+retriever's order and has to judge the items (LLaRA's and TALLRec's candidate lists)."""
 LLM_ONLY = "ranking.collab_weight=0"
 """The LLM's order alone (in rerank mode: of the retrieved candidates; no fusion to tune)."""
 
@@ -148,11 +155,25 @@ def methods(name: str) -> dict[str, list[str]]:
         "hybrid zero-shot (trie decoding + ensemble)": trie,
         "LLM zero-shot (ensemble top-20 -> LLM rerank, LLM only)": [*RERANK, LLM_ONLY],
         "hybrid zero-shot (ensemble top-20 -> LLM rerank)": RERANK,
+        "LLM zero-shot (ensemble top-20 shuffled -> LLM rerank, LLM only)": [
+            *RERANK,
+            SHUFFLED,
+            LLM_ONLY,
+        ],
+        "hybrid zero-shot (ensemble top-20 shuffled -> LLM rerank)": [*RERANK, SHUFFLED],
     }
-    for kind, adapter in ADAPTERS.get(name, {}).items():
+    for kind, adapter in ADAPTERS.get(name, []):
         if not (adapter / "adapter_config.json").is_file():
             continue
         tuned = [f"generation.adapter={adapter}"]
+        if inference_prompt(adapter).candidate_order == "shuffled":
+            out[f"LLM {kind} (ensemble top-20 shuffled -> LLM rerank, LLM only)"] = [
+                *tuned,
+                *RERANK,
+                LLM_ONLY,
+            ]
+            out[f"hybrid {kind} (ensemble top-20 shuffled -> LLM rerank)"] = [*tuned, *RERANK]
+            continue
         if kind == "LoRA":  # free generation with prefix-tuning runs one prompt at a time
             out[f"LLM {kind} (generate, LLM only)"] = [*tuned, LLM_ONLY]
             out[f"hybrid {kind} (generate + ensemble)"] = tuned
@@ -401,7 +422,7 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
         for r in rows:
             if r.notes:
                 body.append(f"- **{r.result.name}**: `{json.dumps(r.notes)}`")
-        png = cfg.out.with_name(f"benchmark-{name}.png")
+        png = cfg.out.with_name(f"{cfg.out.name}-{name}.png")
         plot(rows, png, f"{name}: quality against speed")
         body.append(f"\n![quality against speed]({png.name})\n")
     path = cfg.out.with_suffix(".md")

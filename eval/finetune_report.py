@@ -2,12 +2,15 @@
 
     .venv/bin/python eval/finetune_report.py
 
-Computes nothing expensive: it reads what committed commands wrote and puts it side by side.
+Computes nothing: it reads committed outputs of committed commands and puts them side by side,
+so it runs on a fresh clone.
 
 - Test metrics (leave-one-out, HR/NDCG@5/10/20) per method, and the parse and grounding rates of
-  free generation: the run folders of ``eval/benchmark.py`` (``eval/reports/benchmark/ml-100k``).
-- Fine-tuned against zero-shot, paired on the same test users: recomputed from those folders'
-  ``recs.jsonl`` (``recgen.evaluate.load_run``).
+  free generation: ``metrics.json`` in the run folders of ``eval/benchmark.py``
+  (``eval/reports/benchmark/ml-100k``; shuffled candidate lists:
+  ``eval/reports/benchmark-shuffled/ml-100k``).
+- Fine-tuned against zero-shot, paired on the same test users: the sections of the benchmark
+  reports (``benchmark.md``, ``benchmark-shuffled.md``) that ``eval/benchmark.py`` computed.
 - Training time, throughput and peak memory: each adapter's ``recgen_adapter.json``.
 - Quality against training samples: validation NDCG in each adapter's ``training_log.jsonl``
   (optimizer step x batch size x gradient accumulation = examples seen), with the base model's
@@ -15,8 +18,7 @@ Computes nothing expensive: it reads what committed commands wrote and puts it s
 - Explanation checks: ``eval_explain_valid.json`` (``finetune/eval_explain.py``).
 
 Writes ``eval/reports/finetune.md`` and ``eval/reports/finetune-samples.png``. A missing input
-is named in the report, never silently dropped. ``recs.jsonl`` is not committed (it would
-redistribute MovieLens interactions), so on a fresh clone run ``eval/benchmark.py`` first.
+is named in the report, never silently dropped.
 """
 
 from __future__ import annotations
@@ -25,63 +27,75 @@ import argparse
 import json
 from pathlib import Path
 
-from recgen.evaluate import EvalResult, compare, load_run
-
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "eval" / "reports" / "benchmark" / "ml-100k"
+REPORTS = ROOT / "eval" / "reports"
 ADAPTERS = {"LoRA": ROOT / "finetune" / "adapters" / "ml100k-lora",
+            "LoRA, shuffled lists": ROOT / "finetune" / "adapters" / "ml100k-lora-shuffled",
             "prefix": ROOT / "finetune" / "adapters" / "ml100k-prefix"}  # fmt: skip
+ORDERED, SHUFFLED = "benchmark/ml-100k", "benchmark-shuffled/ml-100k"
 ROWS = {
-    "most-popular": "most-popular",
-    "SASRec+": "SASRec+",
-    "ensemble (recgen's retriever)": "ensemble",
-    "zero-shot, free generation": "llm-zero-shot-generate-llm-only",
-    "LoRA, free generation": "llm-lora-generate-llm-only",
-    "zero-shot, rerank of the ensemble's top 20": "llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
-    "LoRA, rerank of the ensemble's top 20": "llm-lora-ensemble-top-20--llm-rerank-llm-only",
-    "prefix, rerank of the ensemble's top 20": "llm-prefix-ensemble-top-20--llm-rerank-llm-only",
+    "most-popular": f"{ORDERED}/most-popular",
+    "SASRec+": f"{ORDERED}/SASRec+",
+    "ensemble (recgen's retriever)": f"{ORDERED}/ensemble",
+    "zero-shot, free generation": f"{ORDERED}/llm-zero-shot-generate-llm-only",
+    "LoRA, free generation": f"{ORDERED}/llm-lora-generate-llm-only",
+    "zero-shot, rerank of the ensemble's top 20": f"{ORDERED}/llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
+    "LoRA, rerank of the ensemble's top 20": f"{ORDERED}/llm-lora-ensemble-top-20--llm-rerank-llm-only",
+    "prefix, rerank of the ensemble's top 20": f"{ORDERED}/llm-prefix-ensemble-top-20--llm-rerank-llm-only",
+    "zero-shot, rerank of the top 20 shuffled": f"{SHUFFLED}/llm-zero-shot-ensemble-top-20-shuffled--llm-rerank-llm-only",
+    "LoRA (shuffled lists), rerank of the top 20 shuffled": f"{SHUFFLED}/llm-lora-ensemble-top-20-shuffled--llm-rerank-llm-only",
+    "hybrid zero-shot, top 20 shuffled": f"{SHUFFLED}/hybrid-zero-shot-ensemble-top-20-shuffled--llm-rerank",
+    "hybrid LoRA (shuffled lists), top 20 shuffled": f"{SHUFFLED}/hybrid-lora-ensemble-top-20-shuffled--llm-rerank",
 }  # fmt: skip
-"""Report label -> benchmark run folder. The LLM rows are the LLM's own order (no fusion)."""
-PAIRS = [
-    ("free generation", "llm-zero-shot-generate-llm-only", "llm-lora-generate-llm-only"),
-    ("rerank, LoRA", "llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
-     "llm-lora-ensemble-top-20--llm-rerank-llm-only"),
-    ("rerank, prefix", "llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
-     "llm-prefix-ensemble-top-20--llm-rerank-llm-only"),
-]  # fmt: skip
-"""Fine-tuned against zero-shot on the same users: (title, zero-shot folder, adapter folder)."""
+"""Report label -> benchmark run folder (under ``eval/reports``). The LLM rows are the LLM's
+own order (no fusion); hybrid rows fuse it with the ensemble (weights tuned on validation)."""
+BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md")
+"""Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
 COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 STATS = ("parse_rate", "grounded_rate")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=RUNS, help="benchmark run folders")
-    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "reports" / "finetune")
+    parser.add_argument("--reports", type=Path, default=REPORTS, help="benchmark outputs")
+    parser.add_argument("--out", type=Path, default=REPORTS / "finetune")
     return parser.parse_args()
 
 
-def runs(folder: Path) -> tuple[dict[str, EvalResult], list[str]]:
-    found, missing = {}, []
-    for name in {*ROWS.values(), *(f for _, a, b in PAIRS for f in (a, b))}:
-        if (folder / name / "recs.jsonl").is_file():
-            found[name] = load_run(folder / name)
-        else:
-            missing.append(name)
-    return found, sorted(missing)
-
-
-def metrics_table(results: dict[str, EvalResult]) -> list[str]:
+def metrics_table(reports: Path) -> list[str]:
     head = ["method", "test users", *COLUMNS, "parse rate", "grounded"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    missing = []
     for label, folder in ROWS.items():
-        if folder not in results:
+        path = reports / folder / "metrics.json"
+        if not path.is_file():
+            missing.append(f"`{folder}`")
             continue
-        r = results[folder]
-        s = r.summary()
-        stats = [f"{r.info[k]:.3f}" if k in r.info else "" for k in STATS]
-        lines.append("| " + " | ".join([label, str(len(r.user_ids)),
+        info = json.loads(path.read_text(encoding="utf-8"))
+        s = info["summary"]
+        stats = [f"{info[k]:.3f}" if k in info else "" for k in STATS]
+        lines.append("| " + " | ".join([label, str(info["n_users"]),
                      *(f"{s[c]:.4f}" for c in COLUMNS), *stats]) + " |")  # fmt: skip
+    if missing:
+        lines += ["", f"Not found (not run yet): {', '.join(missing)}."]
+    return lines
+
+
+def paired_sections(reports: Path) -> list[str]:
+    """The "Fine-tuned against zero-shot" sections of the benchmark reports, as written."""
+    lines: list[str] = []
+    for name in BENCHMARKS:
+        path = reports / name
+        if not path.is_file():
+            lines += [f"`{name}` is missing: run `eval/benchmark.py` (see its docstring).", ""]
+            continue
+        text = path.read_text(encoding="utf-8")
+        for part in text.split("\n### ")[1:]:
+            title, _, body = part.partition("\n")
+            if title.startswith("Fine-tuned against zero-shot: "):
+                table = body.strip().split("\n\n")[0]
+                pair = title.removeprefix("Fine-tuned against zero-shot: ")
+                lines += [f"**{pair}** (`{name}`)", "", table, ""]
     return lines
 
 
@@ -163,7 +177,6 @@ def explain_table() -> list[str]:
 
 def main() -> None:
     args = parse_args()
-    results, missing = runs(args.runs)
     metas = {kind: json.loads((folder / "recgen_adapter.json").read_text())
              for kind, folder in ADAPTERS.items() if (folder / "recgen_adapter.json").is_file()}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,28 +193,25 @@ def main() -> None:
         "## MovieLens-100K leave-one-out, test split",
         "",
         (
-            "From `eval/reports/benchmark/ml-100k/` (`eval/benchmark.py`; free generation on its "
-            "seeded sample of test users, everything else on all of them). The LLM rows are the "
-            "LLM's own order, no fusion."
+            "From `eval/reports/benchmark/ml-100k/` and `eval/reports/benchmark-shuffled/ml-100k/` "
+            "(`eval/benchmark.py`; free generation on its seeded sample of test users, everything "
+            "else on all of them). The LLM rows are the LLM's own order, no fusion. In the "
+            "shuffled rows the rerank prompt lists the ensemble's top 20 in a seeded random "
+            "order (`prompt.candidate_order = \"shuffled\"`), so the LLM cannot copy the "
+            "retriever's order."
         ),
         "",
-        *metrics_table(results),
+        *metrics_table(args.reports),
         "",
         "## Fine-tuned against zero-shot (paired, same users)",
         "",
-    ]
-    for title, zero, tuned in PAIRS:
-        if zero in results and tuned in results:
-            body += [f"**{title}**", "",
-                     compare([results[zero], results[tuned]], baseline=results[zero].name)]  # fmt: skip
-    if missing:
-        body += [f"Not found (not run yet): {', '.join(f'`{m}`' for m in missing)}.", ""]
-    body += ["## Training: time and memory (2 CPU cores)", "", *adapter_table(metas), "",
-             "## Quality against training samples", "", *samples_curve(metas, png), "",
-             f"![validation NDCG against examples seen]({png.name})", "",
-             "## Explanation checks (validation users)", "", *explain_table()]  # fmt: skip
+        *paired_sections(args.reports),
+        "## Training: time and memory (2 CPU cores)", "", *adapter_table(metas), "",
+        "## Quality against training samples", "", *samples_curve(metas, png), "",
+        f"![validation NDCG against examples seen]({png.name})", "",
+        "## Explanation checks (validation users)", "", *explain_table(),
+    ]  # fmt: skip
     path = args.out.with_suffix(".md")
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(body) + "\n", encoding="utf-8")
     print(path.read_text(encoding="utf-8"))
 

@@ -35,6 +35,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("adapter", type=Path)
     parser.add_argument("--users", type=int, default=100, help="validation users")
+    parser.add_argument(
+        "--order", choices=["retrieved", "shuffled"],
+        help="list the candidates in this order (default: the adapter's prompt.candidate_order)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the table as JSON here")
     args = parser.parse_args()
 
@@ -50,6 +54,9 @@ def main() -> None:
     # 1. the adapter's own config, with more validation users
     config = load_config(args.adapter / "finetune.toml", model=FinetuneConfig)
     config = config.model_copy(update={"valid_samples": args.users})
+    if args.order:
+        prompt = config.prompt.model_copy(update={"candidate_order": args.order})
+        config = config.model_copy(update={"prompt": prompt})
     torch.set_num_threads(config.threads)
     check_adapter(args.adapter, base_model=config.base_model)
     # 2. validation rerank examples, built as in training
@@ -81,12 +88,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     table["chance"] = metrics([rng.random(len(r["candidates"])).tolist() for r in rows], targets)
     # 4. report
-    print(f"{len(rows)} validation users, {config.n_candidates} candidates each")
+    order = config.prompt.candidate_order
+    print(f"{len(rows)} validation users, {config.n_candidates} candidates each ({order} order)")
     print("| method | HR@1 | HR@5 | NDCG |\n|---|---|---|---|")
     for name, m in table.items():
         print(f"| {name} | {m['HR@1']:.3f} | {m['HR@5']:.3f} | {m['NDCG']:.3f} |")
     if args.out:
-        args.out.write_text(json.dumps({"users": len(rows), "table": table}, indent=2))
+        args.out.write_text(
+            json.dumps({"users": len(rows), "order": order, "table": table}, indent=2)
+        )
 
 
 if __name__ == "__main__":
