@@ -514,7 +514,7 @@ class _Builder:
         order, seed = self.config.prompt.candidate_order, self.config.seed
         cands: list[list[str]] = (
             [
-                list(ranking.prompt_order(c, order, key=ranking.order_key(seed, h.user_id, t)))
+                list(ranking.prompt_order(c, order, seed=seed, user_id=h.user_id, history_length=t))
                 for c, (h, _, t) in zip(candidates, windows, strict=True)
             ]
             if candidates

@@ -352,25 +352,25 @@ class Recommender:
         """Retrieve with the collaborative scorer, score the candidates with the LLM, fuse."""
         assert self.scorer is not None  # checked in __init__
         collab_scores = self.scorer.score([ex.history for ex in examples])
+        order = self.renderer.config.candidate_order
         retrieved = [
-            tuple(
-                item_id
-                for item_id, _ in ranking.top_n(
-                    collab_scores[j],
-                    catalog=self.catalog,
-                    exclude=set(ex.history.item_ids),
-                    candidates=ex.candidates,
-                    n=self.config.ranking.retrieve,
-                )
+            ranking.prompt_order(
+                [
+                    item_id
+                    for item_id, _ in ranking.top_n(
+                        collab_scores[j],
+                        catalog=self.catalog,
+                        exclude=set(ex.history.item_ids),
+                        candidates=ex.candidates,
+                        n=self.config.ranking.retrieve,
+                    )
+                ],
+                order,
+                seed=self.config.seed,
+                user_id=ex.history.user_id,
+                history_length=len(ex.history),
             )
             for j, ex in enumerate(examples)
-        ]
-        order = self.renderer.config.candidate_order
-        keys = [ranking.order_key(self.config.seed, ex.history.user_id, len(ex.history))
-                for ex in examples]  # fmt: skip
-        retrieved = [
-            ranking.prompt_order(cands, order, key=key)
-            for cands, key in zip(retrieved, keys, strict=True)
         ]
         states = [self._state(ex.history) for ex in examples]
         prompts = [

@@ -289,22 +289,19 @@ def softmax(logits: Sequence[float]) -> FloatArray:
     return e / e.sum()
 
 
-def prompt_order(item_ids: Sequence[str], order: str, *, key: str) -> tuple[str, ...]:
+def prompt_order(
+    item_ids: Sequence[str], order: str, *, seed: int, user_id: str | None, history_length: int
+) -> tuple[str, ...]:
     """The retrieved ``item_ids`` in the order a rerank prompt lists them
-    (``prompt.candidate_order``): as retrieved, or ``shuffled`` by a generator seeded with
-    ``key`` (the run's seed, the user and the history length), the same in training and at
-    inference, and on every run."""
+    (``prompt.candidate_order``): as retrieved, or ``shuffled`` by a generator seeded with the
+    run's seed, the user and the history length, the same in training and at inference, and on
+    every run."""
     ids = list(item_ids)
     if order == "shuffled":
-        random.Random(key).shuffle(ids)
+        random.Random(f"{seed}:{user_id or ''}:{history_length}").shuffle(ids)
     elif order != "retrieved":
         raise DataError(f"candidate order {order!r}: use 'retrieved' or 'shuffled'")
     return tuple(ids)
-
-
-def order_key(seed: int, user_id: str | None, history_length: int) -> str:
-    """The shuffle key of one rerank prompt (see :func:`prompt_order`)."""
-    return f"{seed}:{user_id or ''}:{history_length}"
 
 
 def fuse_candidates(

@@ -235,8 +235,13 @@ def test_shuffled_rerank_examples_list_candidates_as_inference_does(tiny: tuple[
     moved = 0
     for row, plain in zip(train, kept, strict=True):
         assert (row["user_id"], row["position"]) == (plain["user_id"], plain["position"])
-        key = ranking.order_key(FinetuneConfig().seed, row["user_id"], row["position"])
-        expected = ranking.prompt_order(plain["candidates"], "shuffled", key=key)
+        expected = ranking.prompt_order(
+            plain["candidates"],
+            "shuffled",
+            seed=FinetuneConfig().seed,
+            user_id=row["user_id"],
+            history_length=row["position"],
+        )
         assert row["candidates"] == list(expected)
         assert row["candidates"][row["target_index"] - 1] == row["target"]
         moved += row["candidates"] != plain["candidates"]

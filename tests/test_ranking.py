@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from recgen.config import RankingConfig
 from recgen.errors import DataError
-from recgen.ranking import fuse_candidates, order_key, prompt_order, softmax, top_n, top_n_batch
+from recgen.ranking import fuse_candidates, prompt_order, softmax, top_n, top_n_batch
 from recgen.types import Catalog, Item
 
 
@@ -167,12 +167,16 @@ def test_softmax_is_a_distribution_and_survives_large_logits() -> None:
 
 def test_prompt_order_keeps_or_shuffles_by_key() -> None:
     ids = [str(i) for i in range(20)]
-    assert prompt_order(ids, "retrieved", key="x") == tuple(ids)
-    shuffled = prompt_order(ids, "shuffled", key=order_key(0, "u1", 7))
+
+    def order(kind: str, n: int) -> tuple[str, ...]:
+        return prompt_order(ids, kind, seed=0, user_id="u1", history_length=n)
+
+    assert order("retrieved", 7) == tuple(ids)
+    shuffled = order("shuffled", 7)
     assert sorted(shuffled, key=int) == ids
     assert shuffled != tuple(ids)
-    assert prompt_order(ids, "shuffled", key=order_key(0, "u1", 7)) == shuffled  # reproducible
-    others = {prompt_order(ids, "shuffled", key=order_key(0, "u1", n)) for n in range(8, 12)}
+    assert order("shuffled", 7) == shuffled  # reproducible
+    others = {order("shuffled", n) for n in range(8, 12)}
     assert len(others | {shuffled}) == 5, "each prompt gets its own order"
     with pytest.raises(DataError, match="'sorted'"):
-        prompt_order(ids, "sorted", key="x")
+        order("sorted", 7)
