@@ -85,12 +85,15 @@ def base_model_id(base_model: str) -> dict[str, str]:
 
 
 def load_base(base_model: str, *, dtype: str = "float32") -> tuple[Any, Any]:
-    """(tokenizer, model) of the base model, weights read into memory (no mmap)."""
-    import torch
+    """(tokenizer, model) of the base model, weights read into memory (no mmap); ``dtype``:
+    ``auto`` (bf16 where the CPU has it natively), ``bfloat16`` or ``float32``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from recgen.generation import torch_dtype as resolve
+
     path, _ = _resolve(base_model)
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    torch_dtype = resolve(dtype)
+    _log.info("base model %s in %s", base_model, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

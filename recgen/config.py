@@ -124,8 +124,10 @@ class GenerationConfig(_Config):
     hub id. With ``openai``, the served model (or adapter) name."""
     adapter: str | None = None
     """A peft adapter folder to load on top of ``model`` (transformers backend)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Weights dtype for the transformers backend (bf16 is ~1.6x faster on CPUs that have it)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Weights dtype for the transformers backend: ``auto`` is bf16 on CPUs with native bf16
+    (AVX512-BF16/AMX; ~1.6x faster than float32 there), float32 elsewhere (emulated bf16 is
+    about 4x slower than float32 on an AVX2-only CPU)."""
     max_new_tokens: int = Field(default=160, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     """0 means greedy (or beam search when ``num_beams`` > 1)."""

@@ -156,6 +156,19 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return converted
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(generation, "_cpu_has_bf16", lambda: native)
+    assert generation.torch_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+    assert generation.torch_dtype("bfloat16") == torch.bfloat16
+    assert generation.torch_dtype("float32") == torch.float32
+    assert GenerationConfig().dtype == "auto"
+
+
 def test_embedded_model_is_converted_once(fake_package: list[Path]) -> None:
     first = generation.embedded_model_dir()
     second = generation.embedded_model_dir()
