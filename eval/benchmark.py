@@ -268,7 +268,7 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
     for label, method in COLLAB.items():
         collab = base.collab.model_copy(update={"method": method})
         scorer = cached_scorer(collab, split=split, catalog=catalog, show_progress=False)
-        r = run_evaluation(ScorerRanker(label, scorer, catalog), test, run_dir=out / label,
+        r = run_evaluation(ScorerRanker(label, scorer, catalog), test, run_dir=out / slug(label),
                            config=collab, extra=collab_notes(scorer), **kw)  # fmt: skip
         rows.append(Row(r, r.info["users_per_s"], r.seconds / len(test), sample=False,
                         notes=collab_notes(scorer)))  # fmt: skip

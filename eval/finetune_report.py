@@ -27,28 +27,38 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmark import ADAPTERS as BENCH_ADAPTERS  # eval/ is the script's folder
+from benchmark import slug
+
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "eval" / "reports"
-ADAPTERS = {"LoRA": ROOT / "finetune" / "adapters" / "ml100k-lora",
-            "LoRA, shuffled lists": ROOT / "finetune" / "adapters" / "ml100k-lora-shuffled",
-            "prefix": ROOT / "finetune" / "adapters" / "ml100k-prefix"}  # fmt: skip
-ORDERED, SHUFFLED = "benchmark/ml-100k", "benchmark-shuffled/ml-100k"
+ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS["ml-100k"]}
+"""The benchmark's committed MovieLens-100K adapters, labelled by kind and folder."""
+ORDERED, SHUFFLED = "benchmark", "benchmark-shuffled"
 ROWS = {
-    "most-popular": f"{ORDERED}/most-popular",
-    "SASRec+": f"{ORDERED}/SASRec+",
-    "ensemble (recgen's retriever)": f"{ORDERED}/ensemble",
-    "zero-shot, free generation": f"{ORDERED}/llm-zero-shot-generate-llm-only",
-    "LoRA, free generation": f"{ORDERED}/llm-lora-generate-llm-only",
-    "zero-shot, rerank of the ensemble's top 20": f"{ORDERED}/llm-zero-shot-ensemble-top-20--llm-rerank-llm-only",
-    "LoRA, rerank of the ensemble's top 20": f"{ORDERED}/llm-lora-ensemble-top-20--llm-rerank-llm-only",
-    "prefix, rerank of the ensemble's top 20": f"{ORDERED}/llm-prefix-ensemble-top-20--llm-rerank-llm-only",
-    "zero-shot, rerank of the top 20 shuffled": f"{SHUFFLED}/llm-zero-shot-ensemble-top-20-shuffled--llm-rerank-llm-only",
-    "LoRA (shuffled lists), rerank of the top 20 shuffled": f"{SHUFFLED}/llm-lora-ensemble-top-20-shuffled--llm-rerank-llm-only",
-    "hybrid zero-shot, top 20 shuffled": f"{SHUFFLED}/hybrid-zero-shot-ensemble-top-20-shuffled--llm-rerank",
-    "hybrid LoRA (shuffled lists), top 20 shuffled": f"{SHUFFLED}/hybrid-lora-ensemble-top-20-shuffled--llm-rerank",
+    "most-popular": (ORDERED, "most-popular"),
+    "SASRec+": (ORDERED, "SASRec+"),
+    "ensemble (recgen's retriever)": (ORDERED, "ensemble"),
+    "zero-shot, free generation": (ORDERED, "LLM zero-shot (generate, LLM only)"),
+    "LoRA, free generation": (ORDERED, "LLM LoRA (generate, LLM only)"),
+    "zero-shot, rerank of the ensemble's top 20":
+        (ORDERED, "LLM zero-shot (ensemble top-20 -> LLM rerank, LLM only)"),
+    "LoRA, rerank of the ensemble's top 20":
+        (ORDERED, "LLM LoRA (ensemble top-20 -> LLM rerank, LLM only)"),
+    "prefix, rerank of the ensemble's top 20":
+        (ORDERED, "LLM prefix (ensemble top-20 -> LLM rerank, LLM only)"),
+    "zero-shot, rerank of the top 20 shuffled":
+        (SHUFFLED, "LLM zero-shot (ensemble top-20 shuffled -> LLM rerank, LLM only)"),
+    "LoRA (shuffled lists), rerank of the top 20 shuffled":
+        (SHUFFLED, "LLM LoRA (ensemble top-20 shuffled -> LLM rerank, LLM only)"),
+    "hybrid zero-shot, top 20 shuffled":
+        (SHUFFLED, "hybrid zero-shot (ensemble top-20 shuffled -> LLM rerank)"),
+    "hybrid LoRA (shuffled lists), top 20 shuffled":
+        (SHUFFLED, "hybrid LoRA (ensemble top-20 shuffled -> LLM rerank)"),
 }  # fmt: skip
-"""Report label -> benchmark run folder (under ``eval/reports``). The LLM rows are the LLM's
-own order (no fusion); hybrid rows fuse it with the ensemble (weights tuned on validation)."""
+"""Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
+The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
+(weights tuned on validation)."""
 BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md")
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
 COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
@@ -66,7 +76,8 @@ def metrics_table(reports: Path) -> list[str]:
     head = ["method", "test users", *COLUMNS, "parse rate", "grounded"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     missing = []
-    for label, folder in ROWS.items():
+    for label, (out, method) in ROWS.items():
+        folder = f"{out}/ml-100k/{slug(method)}"
         path = reports / folder / "metrics.json"
         if not path.is_file():
             missing.append(f"`{folder}`")

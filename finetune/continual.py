@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -54,14 +53,12 @@ def main() -> None:
     from peft import PeftModel
 
     from recgen import data, splits
-    from recgen.adapter_data import build_datasets, row_prompt
+    from recgen.adapter_data import row_prompt, validation_rows
     from recgen.adapters import FinetuneConfig, load_base
     from recgen.config import load_config
+    from recgen.metrics import candidate_list_metrics
     from recgen.training import train_adapter
     from recgen.verbalizer import candidate_scores
-
-    sys.path.insert(0, str(ROOT / "finetune"))
-    from eval_rerank import metrics  # the same rerank metrics as finetune/eval_rerank.py
 
     # 1. data and the cut
     config = load_config(args.config, model=FinetuneConfig)
@@ -93,9 +90,8 @@ def main() -> None:
     }
     eval_cfg = config.model_copy(update={"valid_samples": len(split.valid)})
     tokenizer, base = load_base(config.base_model, dtype=config.dtype)
-    _, valid, _ = build_datasets(eval_cfg, tokenizer=tokenizer, split=split,
-                                 catalog=dataset.catalog, real_time=dataset.has_timestamps)  # fmt: skip
-    rows = list(valid)
+    rows = validation_rows(eval_cfg, tokenizer=tokenizer, split=split, catalog=dataset.catalog,
+                           real_time=dataset.has_timestamps)  # fmt: skip
     groups = {
         "old users": [r for r in rows if r["user_id"] not in new_users][: args.users],
         "new users": [r for r in rows if r["user_id"] in new_users][: args.users],
@@ -103,9 +99,10 @@ def main() -> None:
 
     def score(model) -> dict[str, dict[str, float]]:
         return {
-            group: metrics(
+            group: candidate_list_metrics(
                 candidate_scores(model, tokenizer, [row_prompt(r) for r in group_rows]),
                 [r["target_index"] for r in group_rows],
+                ndigits=4,
             )
             for group, group_rows in groups.items()
         }

@@ -15,20 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
-
-
-def metrics(scores: list[list[float]], targets: list[int]) -> dict[str, float]:
-    ranks = [sum(1 for s in row if s > row[t - 1]) for row, t in zip(scores, targets, strict=True)]
-    n = max(len(ranks), 1)
-    return {
-        "HR@1": round(sum(r < 1 for r in ranks) / n, 4),
-        "HR@5": round(sum(r < 5 for r in ranks) / n, 4),
-        "NDCG": round(sum(1 / math.log2(r + 2) for r in ranks) / n, 4),
-    }
 
 
 def main() -> None:
@@ -46,9 +35,10 @@ def main() -> None:
     from peft import PeftModel
 
     from recgen import data, splits
-    from recgen.adapter_data import _retriever, build_datasets, row_prompt
+    from recgen.adapter_data import _retriever, row_prompt, validation_rows
     from recgen.adapters import FinetuneConfig, check_adapter, load_base
     from recgen.config import load_config
+    from recgen.metrics import candidate_list_metrics
     from recgen.verbalizer import candidate_scores
 
     # 1. the adapter's own config, with more validation users
@@ -63,12 +53,15 @@ def main() -> None:
     dataset = data.load_data(config.data)
     split = splits.split_dataset(dataset, config.data)
     tokenizer, base = load_base(config.base_model, dtype=config.dtype)
-    _, valid, _ = build_datasets(config, tokenizer=tokenizer, split=split, catalog=dataset.catalog,
-                                 real_time=dataset.has_timestamps)  # fmt: skip
-    rows = list(valid)
+    rows = validation_rows(config, tokenizer=tokenizer, split=split, catalog=dataset.catalog,
+                           real_time=dataset.has_timestamps)  # fmt: skip
     prompts = [row_prompt(r) for r in rows]
     targets = [r["target_index"] for r in rows]
+
     # 3. scores: base, adapter, SASRec's order of the same candidates, chance
+    def metrics(scores: list[list[float]], targets: list[int]) -> dict[str, float]:
+        return candidate_list_metrics(scores, targets, ndigits=4)
+
     table = {}
     table["base model (zero-shot)"] = metrics(
         candidate_scores(base.eval(), tokenizer, prompts), targets

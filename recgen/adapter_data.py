@@ -52,6 +52,7 @@ __all__ = [
     "explain_item",
     "row_prompt",
     "summarize_state",
+    "validation_rows",
 ]
 
 _log = logging.getLogger(__name__)
@@ -403,6 +404,9 @@ def _retriever(
 _DATA_KEYS = ("data", "interests", "prompt", "tasks", "samples", "valid_samples", "min_history",
               "n_candidates", "negatives", "retriever", "holdout", "seed", "max_len",
               "new_since", "replay", "rerank_loss")  # fmt: skip
+_DATA_VERSION = 2
+"""Bumped when the rows built for the same config change (2: validation rows no longer
+depend on the training rows' random draws)."""
 
 
 class _Builder:
@@ -626,6 +630,7 @@ class _Builder:
 def _data_key(builder: _Builder, base_name: str) -> str:
     split = builder.split
     payload = [
+        _DATA_VERSION,
         {k: getattr(builder.config, k) for k in _DATA_KEYS},
         builder.template_hashes,
         base_name,
@@ -671,7 +676,11 @@ def build_datasets(
         train, valid = load_from_disk(folder / "train"), load_from_disk(folder / "valid")
         return train, valid, builder.template_hashes
     train = Dataset.from_list(builder.train_rows())
-    valid = Dataset.from_list(builder.valid_rows())
+    valid = Dataset.from_list(
+        validation_rows(
+            config, tokenizer=tokenizer, split=split, catalog=catalog, real_time=real_time
+        )
+    )
     if builder.dropped:
         _log.warning("dropped %d examples longer than max_len=%d", builder.dropped, config.max_len)
     if folder is not None:
@@ -680,3 +689,15 @@ def build_datasets(
         (folder / "done").write_text(json.dumps({"train": len(train), "valid": len(valid)}))
     _log.info("built %d training and %d validation examples", len(train), len(valid))
     return train, valid, builder.template_hashes
+
+
+def validation_rows(
+    config: FinetuneConfig, *, tokenizer: Any, split: Split, catalog: Catalog,
+    real_time: bool = True,
+) -> list[dict]:  # fmt: skip
+    """The validation rerank rows of ``config`` (``build_datasets``'s validation set), without
+    building or caching the training rows: for scripts that only score adapters. A builder of
+    their own keeps them independent of the training rows' random draws."""
+    builder = _Builder(config, tokenizer=tokenizer, split=split, catalog=catalog,
+                       real_time=real_time)  # fmt: skip
+    return builder.valid_rows()

@@ -13,7 +13,10 @@ from numpy.typing import NDArray
 
 from recgen.errors import DataError
 
-__all__ = ["DEFAULT_KS", "Metrics", "PairedTest", "paired_test", "score_rankings"]
+__all__ = [
+    "DEFAULT_KS", "Metrics", "PairedTest", "candidate_list_metrics", "paired_test",
+    "score_rankings",
+]  # fmt: skip
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
 """Cut-offs reported by default."""
@@ -204,3 +207,27 @@ def paired_test(a: NDArray[Any], b: NDArray[Any]) -> PairedTest:
         p_t=p_t,
         p_wilcoxon=float(res_w.pvalue),
     )
+
+
+def candidate_list_metrics(
+    scores: Sequence[Sequence[float]], targets: Sequence[int], *, ndigits: int | None = None
+) -> dict[str, float]:
+    """HR@1, HR@5 and NDCG of the target over short candidate lists (rerank validation).
+
+    Args:
+        scores: Per list, one score per candidate (higher is better), in list order.
+        targets: Per list, the target's 1-based position in it.
+        ndigits: Round the means to this many digits (``None``: no rounding).
+
+    Returns:
+        ``{"HR@1", "HR@5", "NDCG"}`` means over the lists. A target's rank counts the
+        candidates scored strictly higher, so ties favour the target.
+    """
+    ranks = [sum(1 for s in row if s > row[t - 1]) for row, t in zip(scores, targets, strict=True)]
+    n = max(len(ranks), 1)
+    out = {
+        "HR@1": sum(r < 1 for r in ranks) / n,
+        "HR@5": sum(r < 5 for r in ranks) / n,
+        "NDCG": sum(1 / math.log2(r + 2) for r in ranks) / n,
+    }
+    return out if ndigits is None else {k: round(v, ndigits) for k, v in out.items()}

@@ -28,6 +28,7 @@ from recgen.adapters import (
 )
 from recgen.config import dump_config, load_config
 from recgen.errors import ConfigError
+from recgen.metrics import candidate_list_metrics
 from recgen.types import Catalog, Split
 from recgen.verbalizer import candidate_scores
 
@@ -332,8 +333,6 @@ class _Run:
 
     def evaluate(self) -> dict[str, float]:
         """Mean answer-token loss and the verbalizer's NDCG / HR@1 over validation candidates."""
-        import math
-
         import torch
 
         self.model.eval()
@@ -343,18 +342,12 @@ class _Run:
             for start in range(0, len(self.valid), size):
                 loss, n = self._loss_sum(self.valid[start : start + size])
                 total, count = total + float(loss), count + n
-        ndcg = hits = 0.0
         rows = [row for row in self.valid if row["target_index"]]
         scores = candidate_scores(self.model, self.tokenizer, [row_prompt(r) for r in rows])
-        for row, score in zip(rows, scores, strict=True):
-            mine = score[row["target_index"] - 1]
-            rank = sum(1 for s in score if s > mine)
-            ndcg += 1 / math.log2(rank + 2)
-            hits += rank == 0
+        ranked = candidate_list_metrics(scores, [r["target_index"] for r in rows])
         self.model.train()
-        n = max(len(rows), 1)
-        return {"loss": round(total / max(count, 1), 5), "ndcg": round(ndcg / n, 5),
-                "hr1": round(hits / n, 5)}  # fmt: skip
+        return {"loss": round(total / max(count, 1), 5), "ndcg": round(ranked["NDCG"], 5),
+                "hr1": round(ranked["HR@1"], 5)}  # fmt: skip
 
     # ------------------------------------------------------------------ state
 

@@ -19,6 +19,7 @@ from recgen.adapter_data import (
     encode_example,
     explain_item,
     summarize_state,
+    validation_rows,
 )
 from recgen.adapters import (
     META_FILE,
@@ -165,6 +166,16 @@ def test_dataset_is_deterministic(tiny: tuple[Any, Any]) -> None:
     assert first["answer"] == second["answer"]
     other, _, _ = _build(tiny, seed=1)
     assert other["answer"] != first["answer"]
+
+
+def test_validation_rows_equal_the_built_validation_set(tiny: tuple[Any, Any]) -> None:
+    dataset, split = tiny
+    _, valid, tok = _build(tiny)
+    config = FinetuneConfig.model_validate(TINY)
+    rows = validation_rows(config, tokenizer=tok, split=split, catalog=dataset.catalog)
+    assert rows
+    assert [r["messages"] for r in rows] == valid["messages"]
+    assert [r["target_index"] for r in rows] == valid["target_index"]
 
 
 def test_continual_update_mixes_new_targets_with_a_replay_share(tiny: tuple[Any, Any]) -> None:

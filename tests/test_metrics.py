@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recgen.errors import DataError
-from recgen.metrics import paired_test, score_rankings
+from recgen.metrics import candidate_list_metrics, paired_test, score_rankings
 
 
 def test_hand_computed_single_user_at_rank_3() -> None:
@@ -153,3 +153,16 @@ def test_paired_test_rejects_mismatched_shapes() -> None:
         paired_test(np.zeros(3), np.zeros(4))
     with pytest.raises(DataError, match="non-empty"):
         paired_test(np.zeros(0), np.zeros(0))
+
+
+def test_candidate_list_metrics_hand_computed() -> None:
+    # list 1: target (position 2) scored highest -> rank 0; list 2: target (position 1) has
+    # 5 higher scores -> rank 5 (outside HR@5); list 3: a tie with the target favours it.
+    scores = [[0.1, 0.9, 0.2], [0.0, 1, 2, 3, 4, 5], [0.5, 0.5]]
+    m = candidate_list_metrics(scores, [2, 1, 1])
+    assert m["HR@1"] == pytest.approx(2 / 3)
+    assert m["HR@5"] == pytest.approx(2 / 3)
+    assert m["NDCG"] == pytest.approx((1 + 1 / math.log2(7) + 1) / 3)
+    assert candidate_list_metrics(scores, [2, 1, 1], ndigits=2)["NDCG"] == round(m["NDCG"], 2)
+    with pytest.raises(ValueError, match="shorter"):
+        candidate_list_metrics(scores, [1, 1])
