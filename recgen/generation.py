@@ -281,7 +281,6 @@ class TransformersGenerator:
     """
 
     def __init__(self, config: GenerationConfig) -> None:
-        import torch
 
         self.config = config
         path, self.name = _resolve_model(config.model)
