@@ -49,16 +49,13 @@ ROWS = {
         (ORDERED, "LLM prefix (ensemble top-20 -> LLM rerank, LLM only)"),
     "zero-shot, rerank of the top 20 shuffled":
         (SHUFFLED, "LLM zero-shot (ensemble top-20 shuffled -> LLM rerank, LLM only)"),
-    "LoRA (shuffled lists), rerank of the top 20 shuffled":
-        (SHUFFLED, "LLM LoRA (ensemble top-20 shuffled -> LLM rerank, LLM only)"),
     "hybrid zero-shot, top 20 shuffled":
         (SHUFFLED, "hybrid zero-shot (ensemble top-20 shuffled -> LLM rerank)"),
-    "hybrid LoRA (shuffled lists), top 20 shuffled":
-        (SHUFFLED, "hybrid LoRA (ensemble top-20 shuffled -> LLM rerank)"),
 }  # fmt: skip
 """Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
-(weights tuned on validation)."""
+(weights tuned on validation). The shuffled-list LoRA has no rows: its run stayed at chance
+and its weights are not committed (``finetune/adapters/ml100k-lora-shuffled/README.md``)."""
 BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md")
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
 COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
