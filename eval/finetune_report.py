@@ -32,8 +32,10 @@ from benchmark import slug
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "eval" / "reports"
-ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS["ml-100k"]}
-"""The benchmark's committed MovieLens-100K adapters, labelled by kind and folder."""
+ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS["ml-100k"]
+            if (folder / "adapter_config.json").is_file()}  # fmt: skip
+"""The benchmark's committed MovieLens-100K adapters (folders holding weights), labelled by
+kind and folder."""
 ORDERED, SHUFFLED = "benchmark", "benchmark-shuffled"
 ROWS = {
     "most-popular": (ORDERED, "most-popular"),
