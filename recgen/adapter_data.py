@@ -700,4 +700,8 @@ def validation_rows(
     their own keeps them independent of the training rows' random draws."""
     builder = _Builder(config, tokenizer=tokenizer, split=split, catalog=catalog,
                        real_time=real_time)  # fmt: skip
-    return builder.valid_rows()
+    rows = builder.valid_rows()
+    if builder.dropped:
+        _log.warning("dropped %d validation examples longer than max_len=%d", builder.dropped,
+                     config.max_len)  # fmt: skip
+    return rows
