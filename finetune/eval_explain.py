@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 
 from recgen.adapter_data import explain_item
+from recgen.grounding import named_labels
 from recgen.types import InterestState, Item, Parsed
 
 
@@ -98,7 +98,7 @@ def check(parsed: Parsed, item: Item, state: InterestState, vocabulary: set[str]
     first = parsed.candidates[0] if parsed.candidates else None
     why = first.explanation if first else ""
     own = set(item.labels)
-    named = {label for label in vocabulary if re.search(rf"\b{re.escape(label)}\b", why)}
+    named = named_labels(why, vocabulary)  # the rule grounding drops explanations by
     return {
         "parsed": int(first is not None),
         "title copied": int(first is not None and first.title.casefold() == item.title.casefold()),

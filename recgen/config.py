@@ -183,6 +183,10 @@ class GroundingConfig(_Config):
     """Semantic matches below this cosine similarity are rejected as hallucinations."""
     neighbours: int = Field(default=1, ge=1)
     """Catalog neighbours kept per generated title."""
+    check_explanations: bool = True
+    """Drop a generated explanation that names a catalog label (genre, category) its grounded
+    item lacks; the item keeps its place and gets the data-derived explanation instead. Each
+    drop is counted as a ``Rejected`` with reason ``explanation names a label the item lacks``."""
     ann_threshold: int = Field(default=200_000, ge=1)
     """Catalogs larger than this use an approximate index (faiss HNSW) instead of brute force."""
     batch_size: int = Field(default=256, ge=1)

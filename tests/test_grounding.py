@@ -17,6 +17,7 @@ from recgen.config import GroundingConfig
 from recgen.errors import IndexMismatchError
 from recgen.grounding import (
     REASON_DUPLICATE,
+    REASON_EXPLANATION,
     REASON_HISTORY,
     REASON_NO_MATCH,
     CatalogIndex,
@@ -24,6 +25,7 @@ from recgen.grounding import (
     HashEncoder,
     ground,
     ground_batch,
+    named_labels,
     normalize_title,
 )
 from recgen.types import Candidate, Catalog, Item, Parsed
@@ -432,3 +434,50 @@ def test_real_encoder_grounds_movielens_titles(sentence_encoder: Encoder) -> Non
     seen = ground(_parsed("Star Wars 1977"), index=index, exclude={star_wars}, config=config)
     assert not seen.grounded
     assert seen.rejected[0].reason == REASON_HISTORY
+
+
+def _genre_index(config: GroundingConfig) -> CatalogIndex:
+    items = (
+        Item(item_id="h", title="Heat (1995)", attributes={"genres": ("Action", "Crime")}),
+        Item(
+            item_id="t", title="Toy Story (1995)", attributes={"genres": ("Comedy", "Children's")}
+        ),
+        Item(item_id="w", title="Star Wars (1977)", attributes={"genres": ("Sci-Fi", "War")}),
+        Item(item_id="c", title="Clerks (1994)", attributes={"genres": ("Comedy-Drama",)}),
+    )
+    return CatalogIndex.build(
+        Catalog(items=items, name="genres"), HashEncoder(), config, show_progress=False
+    )
+
+
+def test_named_labels_are_whole_words_longest_first() -> None:
+    vocab = {"War", "Drama", "Comedy-Drama", "Children's", "Sci-Fi"}
+    assert named_labels("Sci-Fi and War, like Star Wars", vocab) == {"Sci-Fi", "War"}
+    assert named_labels("a Comedy-Drama; no war here", vocab) == {"Comedy-Drama"}
+    assert named_labels("for Children's evenings", vocab) == {"Children's"}
+    assert named_labels("anything", set()) == set()
+
+
+def test_an_explanation_naming_a_label_the_item_lacks_is_dropped(config: GroundingConfig) -> None:
+    index = _genre_index(config)
+    parsed = Parsed(
+        candidates=(
+            Candidate(title="Heat (1995)", explanation="It is Action, like Alien.", rank=1),
+            Candidate(title="Toy Story (1995)", explanation="A War film, and Comedy.", rank=2),
+            Candidate(title="Star Wars (1977)", explanation="Many liked it.", rank=3),
+        )
+    )
+    g = ground(parsed, index=index, config=config)
+    assert [x.item_id for x in g.grounded] == ["h", "t", "w"]  # every item keeps its place
+    assert [x.candidate.explanation for x in g.grounded] == [
+        "It is Action, like Alien.",
+        "",
+        "Many liked it.",
+    ]
+    assert [(r.text, r.reason, r.stage) for r in g.rejected] == [
+        ("A War film, and Comedy.", f"{REASON_EXPLANATION}: War (Toy Story (1995))", "ground")
+    ]
+    off = config.model_copy(update={"check_explanations": False})
+    kept = ground(parsed, index=_genre_index(off), config=off)
+    assert kept.grounded[1].candidate.explanation == "A War film, and Comedy."
+    assert not kept.rejected

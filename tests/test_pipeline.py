@@ -410,3 +410,19 @@ def test_an_adapter_trained_on_another_template_version_is_refused(tmp_path: Pat
     scorer = PopularityScorer().fit({"a": History.create(["1", "2"])}, catalog)
     with pytest.raises(IndexMismatchError, match="prompt changed since training"):
         Recommender(config, catalog=catalog, generator=FakeGenerator(), index=index, scorer=scorer)
+
+
+def test_an_explanation_with_a_false_genre_is_replaced_by_the_data_derived_one() -> None:
+    rec = _recommender()
+    rec.generator = FakeGenerator(
+        lambda prompt: ["1. Aliens (1986) | A Drama, like the Alien you liked.\n"]
+    )
+    trace = rec.trace_batch([["1", "2"]], n=5)[0]
+    aliens = next(r for r in trace.recommendations if r.item_id == "3")  # genre: Comedy
+    assert aliens.source == "hybrid"  # still the LLM's pick, ranked as before
+    assert "Drama" not in aliens.explanation
+    assert aliens.explanation.startswith("Viewers with histories like yours")
+    assert trace.grounding is not None
+    assert [r.reason for r in trace.grounding.rejected] == [
+        "explanation names a label the item lacks: Drama (Aliens (1986))"
+    ]
