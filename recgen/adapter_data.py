@@ -170,8 +170,10 @@ class FinetuneConfig(_Config):
     """Validate every this many optimizer steps (and at the end)."""
     patience: int = Field(default=5, ge=1)
     """Stop after this many validations without improvement."""
-    select_by: Literal["loss", "ndcg"] = "ndcg"
-    """Validation criterion for the best adapter: loss, or the verbalizer's rerank NDCG."""
+    select_by: Literal["loss", "ndcg", "last"] = "ndcg"
+    """Validation criterion for the best adapter: loss, or the verbalizer's rerank NDCG (both
+    on the validation rerank lists), or ``last`` (the last validated step, no early stopping:
+    for an adapter trained mostly on generation, which those lists do not measure)."""
     checkpoint_every: int = Field(default=25, ge=1)
     """Write a resumable checkpoint every this many optimizer steps."""
     threads: int = Field(default=2, ge=1)

@@ -319,7 +319,7 @@ class _Run:
     def _validate(self) -> bool:
         """Validation loss and verbalizer rerank metrics; returns True to stop early."""
         metrics = self.evaluate()
-        value = metrics["ndcg"] if self.config.select_by == "ndcg" else -metrics["loss"]
+        value = selection_value(self.config.select_by, metrics, step=self.step)
         better = self.best["value"] is None or value > self.best["value"]
         if better:
             params = {n: p.detach().clone() for n, p in self.params.items()}
@@ -424,6 +424,17 @@ class _Run:
             "tokens_per_second": round(self.tokens / max(self.seconds, 1e-9), 1),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         }  # fmt: skip
+
+
+def selection_value(select_by: str, metrics: dict[str, float], *, step: int) -> float:
+    """What a validation is ranked by (higher is better): the verbalizer's NDCG, minus the
+    loss, or (``last``) the step itself, so the latest validated adapter is kept and patience
+    never stops the run."""
+    if select_by == "ndcg":
+        return metrics["ndcg"]
+    if select_by == "loss":
+        return -metrics["loss"]
+    return float(step)
 
 
 class _Schedule:

@@ -32,7 +32,7 @@ from recgen.adapters import (
 from recgen.config import DataConfig, InterestConfig, load_config
 from recgen.errors import ConfigError, IndexMismatchError
 from recgen.interests import build_interest_state, item_labels
-from recgen.training import train_adapter
+from recgen.training import selection_value, train_adapter
 from recgen.types import Message
 
 GENERIC = Path(__file__).parent / "data" / "generic"
@@ -585,3 +585,12 @@ def test_loss_norm_weighs_tokens_or_examples(norm: str) -> None:
     else:
         assert terms == 4 == sum(run._terms(y) for y in rows["labels"])
         assert float(loss) == pytest.approx(sum(first) + sum(second), rel=1e-5)
+
+
+def test_selection_keeps_the_best_ndcg_the_lowest_loss_or_the_last_step() -> None:
+    early, late = {"ndcg": 0.45, "loss": 1.2}, {"ndcg": 0.40, "loss": 1.5}
+    rank = {
+        by: max([(early, 40), (late, 80)], key=lambda m: selection_value(by, m[0], step=m[1]))[1]
+        for by in ("ndcg", "loss", "last")
+    }
+    assert rank == {"ndcg": 40, "loss": 40, "last": 80}
