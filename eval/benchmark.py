@@ -65,11 +65,15 @@ ADAPTERS = {
         ("LoRA", ROOT / "finetune" / "adapters" / "ml100k-lora"),
         ("LoRA", ROOT / "finetune" / "adapters" / "ml100k-lora-shuffled"),
         ("prefix", ROOT / "finetune" / "adapters" / "ml100k-prefix"),
+        ("LoRA-gen", ROOT / "finetune" / "adapters" / "ml100k-lora-gen"),
     ]
 }
 """The committed adapters per data set, (kind, folder) (an adapter knows its own catalog's
 titles only). An adapter renders rerank prompts as it was trained, so its candidate order
-(``prompt.candidate_order``) picks which rerank rows it gets."""
+(``prompt.candidate_order``) picks which rerank rows it gets. ``LoRA-gen`` is trained mostly
+on the generation tasks (``finetune/ml100k-lora-gen.toml``)."""
+KINDS = ("LoRA", "LoRA-gen", "prefix")
+"""Adapter kinds: a method label names one of them where zero-shot rows say ``zero-shot``."""
 COLLAB = {"most-popular": "popular", "SASRec+": "sasrec", "EASE": "ease",
           "transitions": "transitions", "ensemble": "ensemble"}  # fmt: skip
 """The collaborative rows: label -> ``collab.method``. ``ensemble`` (SASRec+, EASE and
@@ -174,7 +178,7 @@ def methods(name: str) -> dict[str, list[str]]:
             ]
             out[f"hybrid {kind} (ensemble top-20 shuffled -> LLM rerank)"] = [*tuned, *RERANK]
             continue
-        if kind == "LoRA":  # free generation with prefix-tuning runs one prompt at a time
+        if kind != "prefix":  # free generation with prefix-tuning runs one prompt at a time
             out[f"LLM {kind} (generate, LLM only)"] = [*tuned, LLM_ONLY]
             out[f"hybrid {kind} (generate + ensemble)"] = tuned
         out[f"LLM {kind} (ensemble top-20 -> LLM rerank, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
@@ -353,7 +357,7 @@ def fine_tuned_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
     by_name = {r.result.name: r for r in rows}
     pairs = []
     for row in rows:
-        for kind in ("LoRA", "prefix"):
+        for kind in KINDS:
             twin = by_name.get(row.result.name.replace(f" {kind} (", " zero-shot (", 1))
             if f" {kind} (" in row.result.name and twin is not None:
                 pairs.append((row, twin))

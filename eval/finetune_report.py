@@ -8,7 +8,8 @@ so it runs on a fresh clone.
 - Test metrics (leave-one-out, HR/NDCG@5/10/20) per method, and the parse and grounding rates of
   free generation: ``metrics.json`` in the run folders of ``eval/benchmark.py``
   (``eval/reports/benchmark/ml-100k``; shuffled candidate lists:
-  ``eval/reports/benchmark-shuffled/ml-100k``).
+  ``eval/reports/benchmark-shuffled/ml-100k``; the generation-weighted LoRA on a second,
+  larger sample of test users: ``eval/reports/benchmark-generate/ml-100k``).
 - Fine-tuned against zero-shot, paired on the same test users: the sections of the benchmark
   reports (``benchmark.md``, ``benchmark-shuffled.md``) that ``eval/benchmark.py`` computed.
 - Training time, throughput and peak memory: each adapter's ``recgen_adapter.json``.
@@ -36,7 +37,7 @@ ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS
             if (folder / "adapter_config.json").is_file()}  # fmt: skip
 """The benchmark's committed MovieLens-100K adapters (folders holding weights), labelled by
 kind and folder."""
-ORDERED, SHUFFLED = "benchmark", "benchmark-shuffled"
+ORDERED, SHUFFLED, GENERATE = "benchmark", "benchmark-shuffled", "benchmark-generate"
 ROWS = {
     "most-popular": (ORDERED, "most-popular"),
     "SASRec+": (ORDERED, "SASRec+"),
@@ -53,15 +54,24 @@ ROWS = {
         (SHUFFLED, "LLM zero-shot (ensemble top-20 shuffled -> LLM rerank, LLM only)"),
     "hybrid zero-shot, top 20 shuffled":
         (SHUFFLED, "hybrid zero-shot (ensemble top-20 shuffled -> LLM rerank)"),
+    "zero-shot, free generation (2nd sample)": (GENERATE, "LLM zero-shot (generate, LLM only)"),
+    "LoRA-gen, free generation (2nd sample)": (GENERATE, "LLM LoRA-gen (generate, LLM only)"),
 }  # fmt: skip
 """Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
 (weights tuned on validation). The shuffled-list LoRA has no rows: its run stayed at chance
-and its weights are not committed (``finetune/adapters/ml100k-lora-shuffled/README.md``)."""
-BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md")
+and its weights are not committed (``finetune/adapters/ml100k-lora-shuffled/README.md``).
+The 2nd sample rows are a larger seeded sample of test users on which the generation-weighted
+LoRA (``LoRA-gen``) and zero-shot free generation were run side by side."""
+BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md")
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
 COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
-STATS = ("parse_rate", "grounded_rate")
+STATS = {"parse_rate": "parse rate", "grounded_rate": "grounded",
+         "rejected: already in history": "in history",
+         "rejected: explanation names a label the item lacks": "false label"}  # fmt: skip
+"""Free-generation output stats (``recgen.pipeline.output_stats``) -> column: shares of output
+lines that parsed, of parsed titles grounded, named a history item, or whose explanation named
+a genre the item lacks (dropped by grounding; runs before that check have no value)."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,7 +82,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def metrics_table(reports: Path) -> list[str]:
-    head = ["method", "test users", *COLUMNS, "parse rate", "grounded"]
+    head = ["method", "test users", *COLUMNS, *STATS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     missing = []
     for label, (out, method) in ROWS.items():
@@ -208,7 +218,9 @@ def main() -> None:
             "else on all of them). The LLM rows are the LLM's own order, no fusion. In the "
             "shuffled rows the rerank prompt lists the ensemble's top 20 in a seeded random "
             "order (`prompt.candidate_order = \"shuffled\"`), so the LLM cannot copy the "
-            "retriever's order."
+            "retriever's order. The 2nd-sample rows (`eval/reports/benchmark-generate/`) are "
+            "free generation on a larger seeded sample of test users, zero-shot and the "
+            "generation-weighted LoRA (`finetune/ml100k-lora-gen.toml`) on the same users."
         ),
         "",
         *metrics_table(args.reports),
