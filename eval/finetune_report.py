@@ -9,7 +9,7 @@ so it runs on a fresh clone.
   free generation: ``metrics.json`` in the run folders of ``eval/benchmark.py``
   (``eval/reports/benchmark/ml-100k``; shuffled candidate lists:
   ``eval/reports/benchmark-shuffled/ml-100k``; the generation-weighted LoRA on a second,
-  larger sample of test users: ``eval/reports/benchmark-generate/ml-100k``).
+  sample of test users: ``eval/reports/benchmark-generate/ml-100k``).
 - Fine-tuned against zero-shot, paired on the same test users: the sections of the benchmark
   reports (``benchmark.md``, ``benchmark-shuffled.md``) that ``eval/benchmark.py`` computed.
 - Training time, throughput and peak memory: each adapter's ``recgen_adapter.json``.
@@ -61,7 +61,7 @@ ROWS = {
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
 (weights tuned on validation). The shuffled-list LoRA has no rows: its run stayed at chance
 and its weights are not committed (``finetune/adapters/ml100k-lora-shuffled/README.md``).
-The 2nd sample rows are a larger seeded sample of test users on which the generation-weighted
+The 2nd sample rows are another seeded sample of test users on which the generation-weighted
 LoRA (``LoRA-gen``) and zero-shot free generation were run side by side."""
 BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md")
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
@@ -219,7 +219,7 @@ def main() -> None:
             "shuffled rows the rerank prompt lists the ensemble's top 20 in a seeded random "
             "order (`prompt.candidate_order = \"shuffled\"`), so the LLM cannot copy the "
             "retriever's order. The 2nd-sample rows (`eval/reports/benchmark-generate/`) are "
-            "free generation on a larger seeded sample of test users, zero-shot and the "
+            "free generation on another seeded sample of test users (48, for time), zero-shot and the "
             "generation-weighted LoRA (`finetune/ml100k-lora-gen.toml`) on the same users."
         ),
         "",
