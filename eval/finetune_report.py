@@ -8,7 +8,7 @@ so it runs on a fresh clone.
 - Test metrics (leave-one-out, HR/NDCG@5/10/20) per method, and the parse and grounding rates of
   free generation: ``metrics.json`` in the run folders of ``eval/benchmark.py``
   (``eval/reports/benchmark/ml-100k``; shuffled candidate lists:
-  ``eval/reports/benchmark-shuffled/ml-100k``; the generation-weighted LoRA on a second,
+  ``eval/reports/benchmark-shuffled/ml-100k``; the generation-weighted LoRA on a second
   sample of test users: ``eval/reports/benchmark-generate/ml-100k``).
 - Fine-tuned against zero-shot, paired on the same test users: the sections of the benchmark
   reports (``benchmark.md``, ``benchmark-shuffled.md``) that ``eval/benchmark.py`` computed.
@@ -219,7 +219,7 @@ def main() -> None:
             "shuffled rows the rerank prompt lists the ensemble's top 20 in a seeded random "
             "order (`prompt.candidate_order = \"shuffled\"`), so the LLM cannot copy the "
             "retriever's order. The 2nd-sample rows (`eval/reports/benchmark-generate/`) are "
-            "free generation on another seeded sample of test users (48, for time), zero-shot and the "
+            "free generation on another seeded sample of test users, zero-shot and the "
             "generation-weighted LoRA (`finetune/ml100k-lora-gen.toml`) on the same users."
         ),
         "",

@@ -11,6 +11,7 @@ model output. torch, sentence-transformers and faiss are imported only when used
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -202,10 +203,14 @@ def named_labels(text: str, vocabulary: Collection[str]) -> set[str]:
     """The labels of ``vocabulary`` that ``text`` names: whole words, case as written ("War"
     is not named by "Wars" or "war"), the longest label first ("Comedy-Drama" is not also
     "Drama")."""
-    return set(_label_pattern(vocabulary).findall(text)) if vocabulary else set()
+    if not vocabulary:
+        return set()
+    return set(_label_pattern(frozenset(vocabulary)).findall(text))
 
 
-def _label_pattern(vocabulary: Collection[str]) -> re.Pattern[str]:
+@functools.lru_cache(maxsize=8)
+def _label_pattern(vocabulary: frozenset[str]) -> re.Pattern[str]:
+    """One compiled pattern per vocabulary (a catalog's labels: compiled once, reused)."""
     alternatives = "|".join(re.escape(v) for v in sorted(vocabulary, key=lambda v: (-len(v), v)))
     return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 
@@ -268,7 +273,6 @@ class CatalogIndex:
         self._loose: dict[str, list[int]] = {}
         self.labels = frozenset(label for item in catalog.items for label in item.labels)
         """Every label of the catalog's items (genres, categories): what explanations can claim."""
-        self._label_pattern: re.Pattern[str] | None = None
         for pos, title in enumerate(catalog.titles):
             self._strict.setdefault(normalize_title(title), []).append(pos)
             for key in _loose_keys(title):
@@ -325,13 +329,6 @@ class CatalogIndex:
 
     def __len__(self) -> int:
         return len(self.catalog)
-
-    def named_labels(self, text: str) -> set[str]:
-        """The catalog labels ``text`` names (see :func:`named_labels`), with one compiled
-        pattern per index."""
-        if self._label_pattern is None:
-            self._label_pattern = _label_pattern(self.labels)
-        return set(self._label_pattern.findall(text)) if self.labels else set()
 
     def match_exact(self, title: str) -> tuple[int, ...]:
         """Catalog positions whose normalised title equals ``title``'s; else, when exactly one
@@ -588,11 +585,9 @@ def _assemble(
             seen[p] = cand
             item = index.catalog.items[p]
             checked = cand
-            wrong = (
-                index.named_labels(cand.explanation) - set(item.labels)
-                if config.check_explanations
-                else set()
-            )
+            wrong: set[str] = set()
+            if config.check_explanations:
+                wrong = named_labels(cand.explanation, index.labels) - set(item.labels)
             if wrong:
                 why = f"{REASON_EXPLANATION}: {', '.join(sorted(wrong))} ({item.title})"
                 _log.debug("ground: dropped the explanation %r: %s", cand.explanation, why)
