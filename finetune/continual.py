@@ -56,7 +56,7 @@ def main() -> None:
     from recgen.adapter_data import row_prompt, validation_rows
     from recgen.adapters import FinetuneConfig, load_base
     from recgen.config import load_config
-    from recgen.metrics import candidate_list_metrics
+    from recgen.metrics import candidate_list_values, paired_test
     from recgen.training import train_adapter
     from recgen.verbalizer import candidate_scores
 
@@ -97,27 +97,39 @@ def main() -> None:
         "new users": [r for r in rows if r["user_id"] in new_users][: args.users],
     }
 
-    def score(model) -> dict[str, dict[str, float]]:
+    def score(model) -> dict[str, dict[str, np.ndarray]]:
         return {
-            group: candidate_list_metrics(
+            group: candidate_list_values(
                 candidate_scores(model, tokenizer, [row_prompt(r) for r in group_rows]),
                 [r["target_index"] for r in group_rows],
-                ndigits=4,
             )
             for group, group_rows in groups.items()
         }
 
-    table = {"base model (zero-shot)": score(base.eval())}
+    per_user = {"base model (zero-shot)": score(base.eval())}
     tuned = PeftModel.from_pretrained(base, str(before_dir), adapter_name="before").eval()
-    table["before update"] = score(tuned)
+    per_user["before update"] = score(tuned)
     tuned.load_adapter(str(after_dir), adapter_name="after")
     tuned.set_adapter("after")
-    table["after update"] = score(tuned)
+    per_user["after update"] = score(tuned)
+    table = {
+        model: {g: {k: round(float(v.mean()), 4) for k, v in m.items()} for g, m in groups_.items()}
+        for model, groups_ in per_user.items()
+    }
+    # the update's effect per group, paired over the same users (after against before)
+    tests = {
+        group: paired_test(per_user["after update"][group]["NDCG"],
+                           per_user["before update"][group]["NDCG"])
+        for group in groups
+    }  # fmt: skip
     drop = table["before update"]["old users"]["NDCG"] - table["after update"]["old users"]["NDCG"]
     gain = table["after update"]["new users"]["NDCG"] - table["before update"]["new users"]["NDCG"]
     result = {
         "cut": cut, "quantile": args.quantile, "groups": {g: len(r) for g, r in groups.items()},
         "table": table, "old_users_ndcg_drop": round(drop, 4), "new_users_ndcg_gain": round(gain, 4),
+        "update_paired_tests": {g: {"diff": round(t.diff, 4), "p_t": round(t.p_t, 3),
+                                    "p_wilcoxon": round(t.p_wilcoxon, 3)}
+                                for g, t in tests.items()},
         "margin": args.margin, "forgetting_within_margin": drop <= args.margin,
         "minutes": {"before": round(before_min, 1), "after": round(after_min, 1)},
         "steps": {"before": before_log.get("steps"), "after": after_log.get("steps")},
@@ -174,6 +186,16 @@ def write_report(args: argparse.Namespace, config, result: dict) -> None:
             f"Old users' NDCG changed by {-result['old_users_ndcg_drop']:+.4f} with the update "
             f"({verdict} the stated margin of {result['margin']:g}); new users' by "
             f"{result['new_users_ndcg_gain']:+.4f}."
+        ),
+        "",
+        "The update's NDCG change per group, paired over the same users (after against before):",
+        "",
+        "| group | users | ΔNDCG | p (t-test) | p (Wilcoxon) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {g} | {result['groups'][g]} | {t['diff']:+.4f} | {t['p_t']:.3g} | "
+            f"{t['p_wilcoxon']:.3g} |"
+            for g, t in result["update_paired_tests"].items()
         ),
         "",
     ]

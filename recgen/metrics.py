@@ -14,7 +14,8 @@ from numpy.typing import NDArray
 from recgen.errors import DataError
 
 __all__ = [
-    "DEFAULT_KS", "Metrics", "PairedTest", "candidate_list_metrics", "paired_test",
+    "DEFAULT_KS", "Metrics", "PairedTest", "candidate_list_metrics", "candidate_list_values",
+    "paired_test",
     "score_rankings",
 ]  # fmt: skip
 
@@ -209,25 +210,41 @@ def paired_test(a: NDArray[Any], b: NDArray[Any]) -> PairedTest:
     )
 
 
+def candidate_list_values(
+    scores: Sequence[Sequence[float]], targets: Sequence[int]
+) -> dict[str, FloatArray]:
+    """Per list, HR@1, HR@5 and NDCG of the target (for paired tests between two models).
+
+    Args:
+        scores: Per list, one score per candidate (higher is better), in list order.
+        targets: Per list, the target's 1-based position in it.
+
+    Returns:
+        ``{"HR@1", "HR@5", "NDCG"}`` -> one value per list, in input order. A target's rank
+        counts the candidates scored strictly higher, so ties favour the target.
+    """
+    ranks = np.array(
+        [sum(1 for s in row if s > row[t - 1]) for row, t in zip(scores, targets, strict=True)],
+        dtype=np.float64,
+    )
+    return {
+        "HR@1": (ranks < 1).astype(np.float64),
+        "HR@5": (ranks < 5).astype(np.float64),
+        "NDCG": 1.0 / np.log2(ranks + 2.0),
+    }
+
+
 def candidate_list_metrics(
     scores: Sequence[Sequence[float]], targets: Sequence[int], *, ndigits: int | None = None
 ) -> dict[str, float]:
-    """HR@1, HR@5 and NDCG of the target over short candidate lists (rerank validation).
+    """HR@1, HR@5 and NDCG of the target over short candidate lists (rerank validation): the
+    means of :func:`candidate_list_values` (0.0 for no lists).
 
     Args:
         scores: Per list, one score per candidate (higher is better), in list order.
         targets: Per list, the target's 1-based position in it.
         ndigits: Round the means to this many digits (``None``: no rounding).
-
-    Returns:
-        ``{"HR@1", "HR@5", "NDCG"}`` means over the lists. A target's rank counts the
-        candidates scored strictly higher, so ties favour the target.
     """
-    ranks = [sum(1 for s in row if s > row[t - 1]) for row, t in zip(scores, targets, strict=True)]
-    n = max(len(ranks), 1)
-    out = {
-        "HR@1": sum(r < 1 for r in ranks) / n,
-        "HR@5": sum(r < 5 for r in ranks) / n,
-        "NDCG": sum(1 / math.log2(r + 2) for r in ranks) / n,
-    }
+    values = candidate_list_values(scores, targets)
+    out = {k: float(v.mean()) if v.size else 0.0 for k, v in values.items()}
     return out if ndigits is None else {k: round(v, ndigits) for k, v in out.items()}

@@ -11,7 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recgen.errors import DataError
-from recgen.metrics import candidate_list_metrics, paired_test, score_rankings
+from recgen.metrics import (
+    candidate_list_metrics,
+    candidate_list_values,
+    paired_test,
+    score_rankings,
+)
 
 
 def test_hand_computed_single_user_at_rank_3() -> None:
@@ -166,3 +171,7 @@ def test_candidate_list_metrics_hand_computed() -> None:
     assert candidate_list_metrics(scores, [2, 1, 1], ndigits=2)["NDCG"] == round(m["NDCG"], 2)
     with pytest.raises(ValueError, match="shorter"):
         candidate_list_metrics(scores, [1, 1])
+    per_list = candidate_list_values(scores, [2, 1, 1])  # the same, one value per list
+    assert per_list["HR@1"].tolist() == [1.0, 0.0, 1.0]
+    assert per_list["NDCG"].tolist() == pytest.approx([1.0, 1 / math.log2(7), 1.0])
+    assert candidate_list_metrics([], []) == {"HR@1": 0.0, "HR@5": 0.0, "NDCG": 0.0}
