@@ -38,6 +38,7 @@ ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS
 """The benchmark's committed MovieLens-100K adapters (folders holding weights), labelled by
 kind and folder."""
 ORDERED, SHUFFLED, GENERATE = "benchmark", "benchmark-shuffled", "benchmark-generate"
+VLLM = "benchmark-vllm"
 ROWS = {
     "most-popular": (ORDERED, "most-popular"),
     "SASRec+": (ORDERED, "SASRec+"),
@@ -56,14 +57,19 @@ ROWS = {
         (SHUFFLED, "hybrid zero-shot (ensemble top-20 shuffled -> LLM rerank)"),
     "zero-shot, free generation (2nd sample)": (GENERATE, "LLM zero-shot (generate, LLM only)"),
     "LoRA-gen, free generation (2nd sample)": (GENERATE, "LLM LoRA-gen (generate, LLM only)"),
+    "zero-shot, free generation (vLLM)": (VLLM, "LLM zero-shot (generate, LLM only)"),
+    "LoRA, free generation (vLLM)": (VLLM, "LLM LoRA (generate, LLM only)"),
+    "LoRA-gen, free generation (vLLM)": (VLLM, "LLM LoRA-gen (generate, LLM only)"),
 }  # fmt: skip
 """Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
 (weights tuned on validation). The shuffled-list LoRA has no rows: its run stayed at chance
 and its weights are not committed (``finetune/adapters/ml100k-lora-shuffled/README.md``).
 The 2nd sample rows are another seeded sample of test users on which the generation-weighted
-LoRA (``LoRA-gen``) and zero-shot free generation were run side by side."""
-BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md")
+LoRA (``LoRA-gen``) and zero-shot free generation were run side by side. The vLLM rows are
+free generation on every test user through a vLLM server (``eval/benchmark.py --vllm``: the
+adapters merged into the weights, bfloat16)."""
+BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md", "benchmark-vllm.md")
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
 COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 STATS = {"parse_rate": "parse rate", "grounded_rate": "grounded",
@@ -220,7 +226,9 @@ def main() -> None:
             "order (`prompt.candidate_order = \"shuffled\"`), so the LLM cannot copy the "
             "retriever's order. The 2nd-sample rows (`eval/reports/benchmark-generate/`) are "
             "free generation on another seeded sample of test users, zero-shot and the "
-            "generation-weighted LoRA (`finetune/ml100k-lora-gen.toml`) on the same users."
+            "generation-weighted LoRA (`finetune/ml100k-lora-gen.toml`) on the same users. "
+            "The vLLM rows (`eval/reports/benchmark-vllm/`) are free generation on every test "
+            "user through a vLLM server, each adapter merged into the weights (bfloat16)."
         ),
         "",
         *metrics_table(args.reports),
