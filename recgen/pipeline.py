@@ -680,7 +680,7 @@ def _answer_title(title: str) -> str:
 
 def _profile_explanation(item: Item, state: InterestState) -> str:
     """A data-derived explanation for an item the LLM did not propose."""
-    labels = _labels(item)
+    labels = set(item.labels)  # the rule the interest state's profile labels come from
     liked = [label for label, _ in state.recent_profile + state.long_term if label in labels]
     shared = list(dict.fromkeys(liked))[:2]
     if shared:
@@ -689,14 +689,6 @@ def _profile_explanation(item: Item, state: InterestState) -> str:
             "like much of what you chose."
         )
     return "Viewers with histories like yours often choose it next."
-
-
-def _labels(item: Item) -> set[str]:
-    out: set[str] = set()
-    for value in item.attributes.values():
-        if isinstance(value, tuple):
-            out.update(value)
-    return out
 
 
 def output_stats(traces: Sequence[Trace]) -> dict[str, float]:
