@@ -247,8 +247,9 @@ MERGED = ROOT / ".cache" / "merged"
 @contextmanager
 def vllm_backend(config: RecommenderConfig) -> Iterator[RecommenderConfig]:
     """``config`` with its LLM in a vLLM server for as long as the block runs: the base model,
-    or its LoRA adapter merged into the weights (unmerged LoRA decodes ~2.6x slower on CPU,
-    ``eval/reports/serving.md``). The served name carries the adapter's weights digest, so
+    or its LoRA adapter merged into the weights (unmerged LoRA decodes ~2.6x slower on CPU:
+    108 against 286 tokens/s, ``../shared/STACK.md``; ``eval/reports/serving.md`` measures the
+    whole pipeline). The served name carries the adapter's weights digest, so
     cached traces never outlive a retrained adapter."""
     gen = config.generation
     model, name = gen.model, gen.model

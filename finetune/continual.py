@@ -122,8 +122,7 @@ def main() -> None:
                            per_user["before update"][group]["NDCG"])
         for group in groups
     }  # fmt: skip
-    drop = table["before update"]["old users"]["NDCG"] - table["after update"]["old users"]["NDCG"]
-    gain = table["after update"]["new users"]["NDCG"] - table["before update"]["new users"]["NDCG"]
+    drop, gain = -tests["old users"].diff, tests["new users"].diff  # the paired means
     result = {
         "cut": cut, "quantile": args.quantile, "groups": {g: len(r) for g, r in groups.items()},
         "table": table, "old_users_ndcg_drop": round(drop, 4), "new_users_ndcg_gain": round(gain, 4),
