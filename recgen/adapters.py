@@ -212,7 +212,7 @@ def load_adapter_meta(folder: str | Path) -> dict[str, Any]:
 def check_adapter(
     folder: str | Path,
     *,
-    base_model: str,
+    base_model: str | None,
     template: str | None = None,
     template_hash: str | None = None,
 ) -> dict[str, Any]:
@@ -220,7 +220,8 @@ def check_adapter(
 
     Args:
         folder: The adapter folder.
-        base_model: The base model it will be loaded onto (``embedded`` or a folder).
+        base_model: The base model it will be loaded onto (``embedded`` or a folder); None
+            when a server loads it (the client cannot see the server's base model).
         template: The template name prompts will be rendered with (optional).
         template_hash: That template's current hash (``PromptRenderer.template_hash``).
 
@@ -233,9 +234,9 @@ def check_adapter(
             of the template (retrain, or restore the template it was trained with).
     """
     meta = load_adapter_meta(folder)
-    want = base_model_id(base_model)
+    want = base_model_id(base_model) if base_model is not None else None
     have = meta.get("base", {})
-    if have != want:
+    if want is not None and have != want:
         raise IndexMismatchError(
             f"adapter {folder} was trained on base model {have.get('name')!r} (arch "
             f"{have.get('arch')}), not {base_model!r} = {want['name']!r} (arch {want['arch']}); "

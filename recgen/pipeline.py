@@ -130,7 +130,7 @@ class Recommender:
                 config.prompt.for_template(config.prompt.rerank_template),
                 count_tokens=self._count_tokens,
             )
-        if config.generation.adapter and config.generation.backend == "transformers":
+        if config.generation.adapter and config.generation.backend != "fake":
             self._use_adapter(config.generation.adapter)
         self._by_title = {item.title.casefold(): item.item_id for item in catalog}
         self._answer_titles: AnswerTitles | None = None  # built on the first trie decoding
@@ -415,17 +415,21 @@ class Recommender:
         )
 
     def _use_adapter(self, folder: str) -> None:
-        """Refuse an adapter trained on another base model or template version; in rerank mode
-        render prompts exactly as its rerank examples were (one pick, its token budget)."""
+        """Refuse an adapter trained on another base model (in-process) or template version;
+        render prompts as its examples of this template were: in rerank mode exactly (one
+        pick, its token budget), in generate mode with its token budget (the titles asked for
+        stay ``n_titles``). A served adapter gets the same prompts as an in-process one."""
         template = self.renderer.template
-        if self.config.ranking.mode == "rerank":
-            self.renderer = prompting.PromptRenderer(
-                adapters.inference_prompt(folder, template=template),
-                count_tokens=self._count_tokens,
-            )
+        trained = adapters.inference_prompt(folder, template=template)
+        if self.config.ranking.mode != "rerank":
+            budget = {"max_prompt_tokens": trained.max_prompt_tokens}
+            trained = self.renderer.config.model_copy(update=budget)
+        if trained != self.renderer.config:
+            self.renderer = prompting.PromptRenderer(trained, count_tokens=self._count_tokens)
+        served = self.config.generation.backend == "openai"  # the server checks its base
         adapters.check_adapter(
             folder,
-            base_model=self.config.generation.model,
+            base_model=None if served else self.config.generation.model,
             template=template,
             template_hash=self.renderer.template_hash,
         )

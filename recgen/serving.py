@@ -415,6 +415,8 @@ def usage(server: VLLMServer) -> str:
     """How to point recgen (or any OpenAI client) at ``server``."""
     url, models = server.base_url, server.served_models
     model = "" if models[-1] == "embedded" else f" --set generation.model={models[-1]}"
+    if models[-1] in server.config.adapters:  # the client renders prompts as it was trained
+        model += f" --set generation.adapter={server.config.adapters[models[-1]]}"
     sets = f"--set generation.base_url={url}{model}"
     return "\n".join(
         [

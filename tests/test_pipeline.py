@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recgen.adapters import inference_prompt
 from recgen.collab import PopularityScorer
 from recgen.config import RecommenderConfig, load_config
 from recgen.errors import ConfigError, DataError
@@ -408,6 +409,55 @@ def test_an_adapter_trained_on_another_template_version_is_refused(tmp_path: Pat
     catalog = _catalog()
     index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
     scorer = PopularityScorer().fit({"a": History.create(["1", "2"])}, catalog)
+    with pytest.raises(IndexMismatchError, match="prompt changed since training"):
+        Recommender(config, catalog=catalog, generator=FakeGenerator(), index=index, scorer=scorer)
+
+
+@pytest.mark.model
+def test_generate_mode_renders_with_the_adapters_token_budget(tmp_path: Path) -> None:
+    adapter = Path(__file__).parents[1] / "finetune" / "adapters" / "ml100k-lora"
+    config = load_config(
+        overrides=[
+            "grounding.encoder=hash",
+            "prompt.max_prompt_tokens=900",
+            "prompt.n_titles=7",
+            f"generation.adapter={adapter}",
+        ]
+    )
+    catalog = _catalog()
+    index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
+    rec = Recommender(config, catalog=catalog, generator=FakeGenerator(), index=index)
+    trained = inference_prompt(adapter, template="recommend")
+    assert trained.max_prompt_tokens != 900
+    assert rec.renderer.config.max_prompt_tokens == trained.max_prompt_tokens
+    assert (rec.renderer.template, rec.renderer.config.n_titles) == ("recommend", 7)
+
+
+def test_a_served_adapter_gets_the_prompts_it_was_trained_with(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from recgen.errors import IndexMismatchError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(Path(__file__).parents[1] / "finetune" / "adapters" / "ml100k-lora", adapter)
+    served = ["generation.backend=openai", "generation.model=ml-lora", "ranking.mode=rerank"]
+    config = load_config(
+        overrides=["grounding.encoder=hash", *served, f"generation.adapter={adapter}"]
+    )
+    catalog = _catalog()
+    index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
+    scorer = PopularityScorer().fit({"a": History.create(["1", "2"])}, catalog)
+    rec = Recommender(
+        config, catalog=catalog, generator=FakeGenerator(), index=index, scorer=scorer
+    )
+    trained = inference_prompt(adapter, template="rerank")
+    assert trained != config.prompt.for_template("rerank")  # the adapter's settings differ
+    assert rec.renderer.config == trained
+
+    meta = json.loads((adapter / "recgen_adapter.json").read_text())
+    meta["template_hashes"]["rerank"] = "0000000000000000"
+    (adapter / "recgen_adapter.json").write_text(json.dumps(meta))
     with pytest.raises(IndexMismatchError, match="prompt changed since training"):
         Recommender(config, catalog=catalog, generator=FakeGenerator(), index=index, scorer=scorer)
 

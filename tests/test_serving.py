@@ -202,6 +202,14 @@ def test_embedded_is_served_under_its_config_name() -> None:
     assert server.base_url == "http://127.0.0.1:8000/v1"
 
 
+def test_usage_names_the_served_adapter_and_its_folder(tmp_path: Path) -> None:
+    adapter = _adapter(tmp_path / "a", r=8)
+    server = VLLMServer(ServeConfig(adapters={"ml-a": str(adapter)}, port=8000), python="python")
+    text = serving.usage(server)
+    assert f"--set generation.model=ml-a --set generation.adapter={adapter}" in text
+    assert "generation.adapter" not in serving.usage(VLLMServer(ServeConfig(port=8000)))
+
+
 def test_prefix_tuning_adapters_are_refused_with_the_alternative(tmp_path: Path) -> None:
     prefix = _adapter(tmp_path / "prefix", peft_type="PREFIX_TUNING")
     with pytest.raises(ConfigError, match=r"PREFIX_TUNING adapter: vLLM serves only LoRA"):
