@@ -24,6 +24,12 @@ every test user fits in well under an hour per model:
 
     .venv/bin/python eval/benchmark.py --datasets ml-100k --generate-users 943 --speed-users 4 \
         --methods '^LLM (zero-shot|LoRA|LoRA-gen) \(generate' --vllm --out eval/reports/benchmark-vllm
+
+Trie decoding (transformers backend, ~9 s per pair of users here), zero-shot against the
+next-title LoRA on a seeded sample:
+
+    .venv/bin/python eval/benchmark.py --datasets ml-100k --generate-users 240 --speed-users 1 \
+        --methods '^LLM (zero-shot|LoRA-next) \(trie' --out eval/reports/benchmark-trie
 """
 
 from __future__ import annotations
@@ -77,14 +83,17 @@ ADAPTERS = {
         ("LoRA", ROOT / "finetune" / "adapters" / "ml100k-lora-shuffled"),
         ("prefix", ROOT / "finetune" / "adapters" / "ml100k-prefix"),
         ("LoRA-gen", ROOT / "finetune" / "adapters" / "ml100k-lora-gen"),
+        ("LoRA-next", ROOT / "finetune" / "adapters" / "ml100k-lora-next"),
     ]
 }
 """The committed adapters per data set, (kind, folder) (an adapter knows its own catalog's
 titles only). An adapter renders rerank prompts as it was trained, so its candidate order
 (``prompt.candidate_order``) picks which rerank rows it gets. ``LoRA-gen`` is trained mostly
-on the generation tasks (``finetune/ml100k-lora-gen.toml``)."""
-KINDS = ("LoRA", "LoRA-gen", "prefix")
-"""Adapter kinds: a method label names one of them where zero-shot rows say ``zero-shot``."""
+on the generation tasks (``finetune/ml100k-lora-gen.toml``), ``LoRA-next`` on next titles for
+trie decoding (``finetune/ml100k-lora-next.toml``)."""
+KINDS = tuple(dict.fromkeys(kind for folders in ADAPTERS.values() for kind, _ in folders))
+"""Adapter kinds (from ``ADAPTERS``, so a new kind gets its paired test against zero-shot): a
+method label names one of them where zero-shot rows say ``zero-shot``."""
 COLLAB = {"most-popular": "popular", "SASRec+": "sasrec", "EASE": "ease",
           "transitions": "transitions", "ensemble": "ensemble"}  # fmt: skip
 """The collaborative rows: label -> ``collab.method``. ``ensemble`` (SASRec+, EASE and
@@ -197,6 +206,8 @@ def methods(name: str) -> dict[str, list[str]]:
         if kind != "prefix":  # free generation with prefix-tuning runs one prompt at a time
             out[f"LLM {kind} (generate, LLM only)"] = [*tuned, LLM_ONLY]
             out[f"hybrid {kind} (generate + ensemble)"] = tuned
+            out[f"LLM {kind} (trie decoding, LLM only)"] = [*tuned, *trie, LLM_ONLY]
+            out[f"hybrid {kind} (trie decoding + ensemble)"] = [*tuned, *trie]
         out[f"LLM {kind} (ensemble top-20 -> LLM rerank, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
         out[f"hybrid {kind} (ensemble top-20 -> LLM rerank)"] = [*tuned, *RERANK]
     return out
@@ -221,7 +232,7 @@ def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], 
     served = rec.config.generation.backend == "openai"  # the address is not what generates
     key = hashlib.sha256(json.dumps([
         rec.config.generation.model_dump(exclude={"base_url"} if served else None),
-        rec.config.prompt.model_dump(),
+        rec.renderer.config.model_dump(),  # what the prompts were rendered with
         rec.config.interests.model_dump(), rec.config.ranking.mode, rec.config.ranking.retrieve,
         rec.renderer.template_hash, rec.catalog.fingerprint(), __version__,
         [(ex.user_id, ex.target) for ex in examples],
@@ -250,7 +261,8 @@ def vllm_backend(config: RecommenderConfig) -> Iterator[RecommenderConfig]:
     or its LoRA adapter merged into the weights (unmerged LoRA decodes ~2.6x slower on CPU:
     108 against 286 tokens/s, ``../shared/STACK.md``; ``eval/reports/serving.md`` measures the
     whole pipeline). The served name carries the adapter's weights digest, so
-    cached traces never outlive a retrained adapter."""
+    cached traces never outlive a retrained adapter; ``generation.adapter`` stays, so the
+    client checks the adapter's template version and renders prompts as it was trained."""
     gen = config.generation
     model, name = gen.model, gen.model
     if gen.adapter is not None:
@@ -260,7 +272,7 @@ def vllm_backend(config: RecommenderConfig) -> Iterator[RecommenderConfig]:
             merge_adapter(gen.adapter, model)
     with VLLMServer(ServeConfig(model=model, served_name=name, port=0)) as server:
         served = {"backend": "openai", "model": name, "base_url": server.base_url,
-                  "adapter": None, "batch_size": 64, "concurrency": 32}  # fmt: skip
+                  "batch_size": 64, "concurrency": 32}  # fmt: skip
         yield config.model_copy(update={"generation": gen.model_copy(update=served)})
 
 
@@ -318,7 +330,7 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
                            config=collab, extra=collab_notes(scorer), **kw)  # fmt: skip
         rows.append(Row(r, r.info["users_per_s"], r.seconds / len(test), sample=False,
                         notes=collab_notes(scorer)))  # fmt: skip
-        if method in ("sasrec", "ensemble"):
+        if method in ("popular", "sasrec", "ensemble"):  # the generation sample's references
             r2 = run_evaluation(ScorerRanker(f"{label} (sample)", scorer, catalog), gen_s, **kw)
             rows.append(Row(r2, r2.info["users_per_s"], r2.seconds / len(gen_s), sample=True))
     for label, extra in methods(name).items():
@@ -476,7 +488,9 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
         ]
         if len(sampled) > 1:
             body += ["\n### Paired tests against SASRec+ on the generation sample\n",
-                     compare([r.result for r in sampled], baseline="SASRec+ (sample)")]  # fmt: skip
+                     compare([r.result for r in sampled], baseline="SASRec+ (sample)"),
+                     "\n### Paired tests against most-popular on the generation sample\n",
+                     compare([r.result for r in sampled], baseline="most-popular (sample)")]  # fmt: skip
         for tuned, zero_shot in fine_tuned_pairs(rows):
             body += [f"\n### Fine-tuned against zero-shot: {tuned.result.name}\n",
                      compare([zero_shot.result, tuned.result], baseline=zero_shot.result.name)]  # fmt: skip

@@ -38,7 +38,7 @@ ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS
 """The benchmark's committed MovieLens-100K adapters (folders holding weights), labelled by
 kind and folder."""
 ORDERED, SHUFFLED, GENERATE = "benchmark", "benchmark-shuffled", "benchmark-generate"
-VLLM = "benchmark-vllm"
+VLLM, TRIE = "benchmark-vllm", "benchmark-trie"
 ROWS = {
     "most-popular": (ORDERED, "most-popular"),
     "SASRec+": (ORDERED, "SASRec+"),
@@ -60,6 +60,8 @@ ROWS = {
     "zero-shot, free generation (vLLM)": (VLLM, "LLM zero-shot (generate, LLM only)"),
     "LoRA, free generation (vLLM)": (VLLM, "LLM LoRA (generate, LLM only)"),
     "LoRA-gen, free generation (vLLM)": (VLLM, "LLM LoRA-gen (generate, LLM only)"),
+    "zero-shot, trie decoding": (TRIE, "LLM zero-shot (trie decoding, LLM only)"),
+    "LoRA-next, trie decoding": (TRIE, "LLM LoRA-next (trie decoding, LLM only)"),
 }  # fmt: skip
 """Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
@@ -68,8 +70,11 @@ and its weights are not committed (``finetune/adapters/ml100k-lora-shuffled/READ
 The 2nd sample rows are another seeded sample of test users on which the generation-weighted
 LoRA (``LoRA-gen``) and zero-shot free generation were run side by side. The vLLM rows are
 free generation on every test user through a vLLM server (``eval/benchmark.py --vllm``: the
-adapters merged into the weights, bfloat16)."""
-BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md", "benchmark-vllm.md")
+adapters merged into the weights, bfloat16). The trie rows are D3-style trie decoding (beam
+search that can only write unseen catalog titles) on a seeded sample of test users, zero-shot
+and the next-title LoRA (``LoRA-next``, ``finetune/ml100k-lora-next.toml``) on the same users."""
+BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md",
+              "benchmark-vllm.md", "benchmark-trie.md")  # fmt: skip
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
 COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 STATS = {"parse_rate": "parse rate", "grounded_rate": "grounded",
@@ -228,7 +233,10 @@ def main() -> None:
             "free generation on another seeded sample of test users, zero-shot and the "
             "generation-weighted LoRA (`finetune/ml100k-lora-gen.toml`) on the same users. "
             "The vLLM rows (`eval/reports/benchmark-vllm/`) are free generation on every test "
-            "user through a vLLM server, each adapter merged into the weights (bfloat16)."
+            "user through a vLLM server, each adapter merged into the weights (bfloat16). "
+            "The trie rows (`eval/reports/benchmark-trie/`) are D3-style trie decoding (beam "
+            "search over unseen catalog titles only, 20 beams) on a seeded sample of test users, "
+            "zero-shot and the next-title LoRA (`finetune/ml100k-lora-next.toml`) on the same users."
         ),
         "",
         *metrics_table(args.reports),
