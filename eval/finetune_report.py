@@ -55,6 +55,10 @@ ROWS = {
         (SHUFFLED, "LLM zero-shot (ensemble top-20 shuffled -> LLM rerank, LLM only)"),
     "hybrid zero-shot, top 20 shuffled":
         (SHUFFLED, "hybrid zero-shot (ensemble top-20 shuffled -> LLM rerank)"),
+    "LoRA-shuffled, rerank of the top 20 shuffled":
+        (SHUFFLED, "LLM LoRA (ensemble top-20 shuffled -> LLM rerank, LLM only)"),
+    "hybrid LoRA-shuffled, top 20 shuffled":
+        (SHUFFLED, "hybrid LoRA (ensemble top-20 shuffled -> LLM rerank)"),
     "zero-shot, free generation (2nd sample)": (GENERATE, "LLM zero-shot (generate, LLM only)"),
     "LoRA-gen, free generation (2nd sample)": (GENERATE, "LLM LoRA-gen (generate, LLM only)"),
     "zero-shot, free generation (vLLM)": (VLLM, "LLM zero-shot (generate, LLM only)"),
@@ -65,8 +69,8 @@ ROWS = {
 }  # fmt: skip
 """Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
-(weights tuned on validation). The shuffled-list LoRA has no rows: its run stayed at chance
-and its weights are not committed (``finetune/adapters/ml100k-lora-shuffled/README.md``).
+(weights tuned on validation). The shuffled rows' LoRA is the one trained on shuffled lists
+(``finetune/ml100k-lora-shuffled.toml``); in the benchmark its label is plain ``LoRA``.
 The 2nd sample rows are another seeded sample of test users on which the generation-weighted
 LoRA (``LoRA-gen``) and zero-shot free generation were run side by side. The vLLM rows are
 free generation on every test user through a vLLM server (``eval/benchmark.py --vllm``: the
@@ -229,7 +233,8 @@ def main() -> None:
             "else on all of them). The LLM rows are the LLM's own order, no fusion. In the "
             "shuffled rows the rerank prompt lists the ensemble's top 20 in a seeded random "
             "order (`prompt.candidate_order = \"shuffled\"`), so the LLM cannot copy the "
-            "retriever's order. The 2nd-sample rows (`eval/reports/benchmark-generate/`) are "
+            "retriever's order; the LoRA-shuffled rows are the adapter trained on such lists "
+            "(`finetune/ml100k-lora-shuffled.toml`). The 2nd-sample rows (`eval/reports/benchmark-generate/`) are "
             "free generation on another seeded sample of test users, zero-shot and the "
             "generation-weighted LoRA (`finetune/ml100k-lora-gen.toml`) on the same users. "
             "The vLLM rows (`eval/reports/benchmark-vllm/`) are free generation on every test "
