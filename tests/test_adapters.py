@@ -29,9 +29,10 @@ from recgen.adapters import (
     merge_adapter,
     write_adapter_meta,
 )
-from recgen.config import DataConfig, InterestConfig, load_config
+from recgen.config import DataConfig, InterestConfig, PromptConfig, load_config
 from recgen.errors import ConfigError, IndexMismatchError
 from recgen.interests import build_interest_state, item_labels
+from recgen.prompting import PromptRenderer
 from recgen.training import selection_value, train_adapter
 from recgen.types import Message
 
@@ -110,7 +111,7 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
         load_config(model=FinetuneConfig, overrides=["replay=0.5"])
 
 
-@pytest.mark.parametrize("name", ["ml100k-lora.toml", "ml100k-prefix.toml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in FINETUNE.glob("*.toml")))
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(FINETUNE / name, model=FinetuneConfig)
     assert config.method == name.split("-")[1].split(".")[0]
@@ -594,3 +595,19 @@ def test_selection_keeps_the_best_ndcg_the_lowest_loss_or_the_last_step() -> Non
         for by in ("ndcg", "loss", "last")
     }
     assert rank == {"ndcg": 40, "loss": 40, "last": 80}
+
+
+COMMITTED = sorted(p.parent for p in (FINETUNE / "adapters").glob("*/adapter_config.json"))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("folder", COMMITTED, ids=[f.name for f in COMMITTED])
+def test_committed_adapters_fit_the_current_base_model_and_templates(folder: Path) -> None:
+    # A template edit that would make recgen refuse a committed adapter (and leave the reports
+    # measured with it unreproducible) fails here, naming the adapter to retrain.
+    meta = load_adapter_meta(folder)
+    assert set(meta["template_hashes"]) >= {"rerank"}
+    for template in meta["template_hashes"]:
+        current = PromptRenderer(PromptConfig(template=template)).template_hash
+        check_adapter(folder, base_model=meta["base_model"], template=template,
+                      template_hash=current)  # fmt: skip
