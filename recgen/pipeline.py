@@ -204,6 +204,16 @@ class Recommender:
             Example(user_id=h.user_id or "", history=h, target="", candidates=cands)
             for h in resolved
         ]
+        return self.trace_examples(examples, n=n, show_progress=show_progress)
+
+    def trace_examples(
+        self, examples: Sequence[Example], *, n: int | None = None, show_progress: bool = False
+    ) -> list[Trace]:
+        """:meth:`trace_batch` for evaluation examples: each ranked under its own
+        ``candidates`` (the sampled-candidates protocol), if it has them. Targets are unused."""
+        for ex in examples:
+            if ex.candidates is not None:
+                self._check_candidates(ex.candidates)
         if not show_progress:
             return self._trace_examples(examples, n=n)
         size = self.config.generation.batch_size

@@ -17,7 +17,13 @@ from recgen.config import DataConfig
 from recgen.errors import ConfigError, DataError
 from recgen.types import Example, History, RecDataset, Split
 
-__all__ = ["leave_one_out", "split_dataset", "temporal_split", "with_candidates"]
+__all__ = [
+    "leave_one_out",
+    "sampled_candidates",
+    "split_dataset",
+    "temporal_split",
+    "with_candidates",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -213,3 +219,41 @@ def with_candidates(
             )
         )
     return tuple(out)
+
+
+def sampled_candidates(
+    examples: Sequence[Example], item_ids: Sequence[str], *, n_negatives: int, seed: int = 0
+) -> tuple[Example, ...]:
+    """The sampled-candidates protocol of TALLRec and LLaRA: each example's target among
+    ``n_negatives`` items drawn uniformly from those its user never interacted with, shuffled.
+
+    Sampled metrics are not full-ranking metrics (Krichene & Rendle, 2020): they measure how
+    well a model tells the held-out item from random ones, which is what a candidate-scoring
+    LLM can be compared on; report them beside, never instead of, full-ranking results. Each
+    user's list depends only on ``seed``, the user id and the catalog, so every method and
+    every run sees the same lists.
+
+    Args:
+        examples: Examples from a split.
+        item_ids: The catalog's item ids (negatives are drawn from these).
+        n_negatives: Negatives per list.
+        seed: Seed of the draw.
+
+    Raises:
+        DataError: if a user has fewer than ``n_negatives`` unseen items.
+    """
+    pool = sorted(item_ids)
+    lists: dict[str, list[str]] = {}
+    for ex in examples:
+        seen = {*ex.history.item_ids, ex.target}
+        unseen = [i for i in pool if i not in seen]
+        if len(unseen) < n_negatives:
+            raise DataError(
+                f"user {ex.user_id!r} has {len(unseen)} unseen items, fewer than "
+                f"n_negatives={n_negatives}; lower n_negatives"
+            )
+        rng = random.Random(f"{seed}:{ex.user_id}")
+        cands = [*rng.sample(unseen, n_negatives), ex.target]
+        rng.shuffle(cands)
+        lists[ex.user_id] = cands
+    return with_candidates(examples, lists)

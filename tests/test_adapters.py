@@ -236,6 +236,24 @@ def test_retrieved_rerank_examples_match_what_inference_sees(tiny: tuple[Any, An
         assert row["target"] == ex.target in row["candidates"]
 
 
+def test_uniform_negatives_are_items_the_user_never_saw(tiny: tuple[Any, Any]) -> None:
+    _, split = tiny
+    only_rerank = {"rerank": 1, "next": 0, "explain": 0, "summary": 0}
+    train, valid, _ = _build(tiny, negatives="uniform", tasks=only_rerank, n_candidates=6)
+    assert len(train) > 0
+    assert len(valid) > 0
+    negatives: set[str] = set()
+    for row in [*train, *valid]:
+        seen = set(split.train[row["user_id"]].item_ids)
+        assert len(set(row["candidates"])) == 6
+        assert row["candidates"][row["target_index"] - 1] == row["target"]
+        others = set(row["candidates"]) - {row["target"]}
+        assert not others & seen
+        negatives |= others
+    popular = {i for h in split.train.values() for i in h.item_ids}
+    assert negatives - popular  # uniform draws reach items nobody interacted with
+
+
 def test_shuffled_rerank_examples_list_candidates_as_inference_does(tiny: tuple[Any, Any]) -> None:
     from recgen import ranking
 

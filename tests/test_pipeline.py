@@ -15,7 +15,7 @@ from recgen.errors import ConfigError, DataError
 from recgen.generation import FakeGenerator
 from recgen.grounding import CatalogIndex, HashEncoder
 from recgen.pipeline import Recommender
-from recgen.types import Catalog, Event, History, Item, Prompt
+from recgen.types import Catalog, Event, Example, History, Item, Prompt
 
 GENRES = ("Action", "Drama", "Comedy", "Sci-Fi")
 TITLES = [
@@ -251,6 +251,37 @@ def test_shuffled_rerank_prompts_list_a_seeded_permutation_and_score_the_right_i
         assert trace.recommendations[0].item_id == trace.retrieved[-1]
     again = _reranker(10.0, True, shuffled, "seed=3").trace_batch([["1", "2"]], n=6)[0]
     assert again.retrieved == traces[3].retrieved
+
+
+def test_trace_examples_rank_each_example_among_its_own_candidates() -> None:
+    rec = _reranker(10.0)
+    lists = [("7", "8", "9", "3"), ("3", "4", "6", "8")]
+    examples = [
+        Example(
+            user_id="a",
+            history=History.create(["1", "2"], user_id="a"),
+            target="",
+            candidates=lists[0],
+        ),
+        Example(
+            user_id="b", history=History.create(["5"], user_id="b"), target="", candidates=lists[1]
+        ),
+    ]
+    traces = rec.trace_examples(examples, n=4)
+    for trace, cands in zip(traces, lists, strict=True):
+        assert set(trace.retrieved) == set(cands)  # retrieval reorders only the given items
+        assert trace.candidates == cands
+        assert trace.recommendations[0].item_id == trace.retrieved[-1]
+        assert {r.item_id for r in trace.recommendations} == set(cands)
+    fused = rec.fuse_traces(traces, n=4)
+    assert [{r.item_id for r in x} for x in fused] == [set(c) for c in lists]
+    bad = [
+        Example(
+            user_id="c", history=History.create(["1"], user_id="c"), target="", candidates=("zz",)
+        )
+    ]
+    with pytest.raises(DataError, match="zz"):
+        rec.trace_examples(bad, n=4)
 
 
 def test_rerank_traces_refuse_with_other_weights() -> None:

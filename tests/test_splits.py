@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from recgen.config import DataConfig
 from recgen.data import load_dataset
 from recgen.errors import ConfigError, DataError
-from recgen.splits import leave_one_out, split_dataset, temporal_split, with_candidates
+from recgen.splits import (
+    leave_one_out,
+    sampled_candidates,
+    split_dataset,
+    temporal_split,
+    with_candidates,
+)
 from recgen.types import Catalog, Event, Example, History, Item, LoadReport, RecDataset, Split
 
 GENERIC = Path(__file__).resolve().parent / "data" / "generic"
@@ -238,3 +244,26 @@ def test_with_candidates_attaches_copies(fixture_data: RecDataset) -> None:
     ]
     with pytest.raises(DataError, match="no candidate list for user 'alice'"):
         with_candidates(test, {k: v for k, v in lists.items() if k != "alice"})
+
+
+def test_sampled_candidates_hide_the_target_among_unseen_items(fixture_data: RecDataset) -> None:
+    test = leave_one_out(fixture_data).test
+    ids = fixture_data.catalog.item_ids
+    out = sampled_candidates(test, ids, n_negatives=9, seed=3)
+    positions = set()
+    for ex, orig in zip(out, test, strict=True):
+        assert (ex.user_id, ex.target, ex.history) == (orig.user_id, orig.target, orig.history)
+        assert ex.candidates is not None
+        assert len(set(ex.candidates)) == 10
+        assert ex.candidates.count(ex.target) == 1
+        assert not set(ex.candidates) & set(ex.history.item_ids)  # never an item the user saw
+        assert set(ex.candidates) <= set(ids)
+        positions.add(ex.candidates.index(ex.target))
+    assert len(positions) > 1  # shuffled: the target's place is not fixed
+    # The same lists on every call, and a user's list does not depend on who else is evaluated.
+    assert sampled_candidates(test, ids, n_negatives=9, seed=3) == out
+    alone = sampled_candidates(test[-1:], ids, n_negatives=9, seed=3)
+    assert alone[0].candidates == out[-1].candidates
+    assert sampled_candidates(test, ids, n_negatives=9, seed=4) != out
+    with pytest.raises(DataError, match=r"fewer than n_negatives=60; lower n_negatives"):
+        sampled_candidates(test, ids, n_negatives=60)
