@@ -38,7 +38,7 @@ ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS
 """The benchmark's committed MovieLens-100K adapters (folders holding weights), labelled by
 kind and folder."""
 ORDERED, SHUFFLED, GENERATE = "benchmark", "benchmark-shuffled", "benchmark-generate"
-VLLM, TRIE = "benchmark-vllm", "benchmark-trie"
+VLLM, TRIE, SAMPLED = "benchmark-vllm", "benchmark-trie", "benchmark-sampled"
 ROWS = {
     "most-popular": (ORDERED, "most-popular"),
     "SASRec+": (ORDERED, "SASRec+"),
@@ -66,6 +66,13 @@ ROWS = {
     "LoRA-gen, free generation (vLLM)": (VLLM, "LLM LoRA-gen (generate, LLM only)"),
     "zero-shot, trie decoding": (TRIE, "LLM zero-shot (trie decoding, LLM only)"),
     "LoRA-next, trie decoding": (TRIE, "LLM LoRA-next (trie decoding, LLM only)"),
+    "most-popular, sampled lists": (SAMPLED, "most-popular"),
+    "SASRec+, sampled lists": (SAMPLED, "SASRec+"),
+    "ensemble, sampled lists": (SAMPLED, "ensemble"),
+    "zero-shot, sampled lists":
+        (SAMPLED, "LLM zero-shot (20 sampled shuffled -> LLM rerank, LLM only)"),
+    "LoRA-sampled, sampled lists":
+        (SAMPLED, "LLM LoRA-sampled (20 sampled shuffled -> LLM rerank, LLM only)"),
 }  # fmt: skip
 """Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
@@ -76,11 +83,16 @@ LoRA (``LoRA-gen``) and zero-shot free generation were run side by side. The vLL
 free generation on every test user through a vLLM server (``eval/benchmark.py --vllm``: the
 adapters merged into the weights, bfloat16). The trie rows are D3-style trie decoding (beam
 search that can only write unseen catalog titles) on a seeded sample of test users, zero-shot
-and the next-title LoRA (``LoRA-next``, ``finetune/ml100k-lora-next.toml``) on the same users."""
+and the next-title LoRA (``LoRA-next``, ``finetune/ml100k-lora-next.toml``) on the same users.
+The sampled rows are the sampled-candidates protocol of TALLRec and LLaRA (``eval/benchmark.py
+--sampled 19``): every method ranks only the held-out item and 19 uniform draws from the items
+its user never saw, the LLM rows in a seeded random order; ``LoRA-sampled`` is trained on such
+lists (``finetune/ml100k-lora-sampled.toml``). Sampled metrics are not comparable with the
+full-ranking rows above them (Krichene & Rendle, 2020)."""
 BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md",
-              "benchmark-vllm.md", "benchmark-trie.md")  # fmt: skip
+              "benchmark-vllm.md", "benchmark-trie.md", "benchmark-sampled.md")  # fmt: skip
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
-COLUMNS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
+COLUMNS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 STATS = {"parse_rate": "parse rate", "grounded_rate": "grounded",
          "rejected: already in history": "in history",
          "rejected: explanation names a label the item lacks": "false label"}  # fmt: skip
@@ -241,7 +253,11 @@ def main() -> None:
             "user through a vLLM server, each adapter merged into the weights (bfloat16). "
             "The trie rows (`eval/reports/benchmark-trie/`) are D3-style trie decoding (beam "
             "search over unseen catalog titles only, 20 beams) on a seeded sample of test users, "
-            "zero-shot and the next-title LoRA (`finetune/ml100k-lora-next.toml`) on the same users."
+            "zero-shot and the next-title LoRA (`finetune/ml100k-lora-next.toml`) on the same users. "
+            "The sampled rows (`eval/reports/benchmark-sampled/`) are TALLRec's and LLaRA's "
+            "protocol: every method ranks only the held-out item among 19 items drawn uniformly "
+            "from those its user never saw (HR@1 is LLaRA's HitRatio@1; HR@20 is 1 by "
+            "construction); they are not comparable with the full-ranking rows."
         ),
         "",
         *metrics_table(args.reports),
