@@ -424,15 +424,9 @@ def slug(label: str) -> str:
 
 
 def table(rows: list[Row], ks: tuple[int, ...]) -> str:
-    cols = (
-        ["HR@1"] * (1 in ks)
-        + [f"{m}@{k}" for k in ks if k > 1 for m in ("HR", "NDCG")]
-        + [
-            "MRR@10",
-            "COV@10",
-            "POP@10",
-        ]
-    )
+    cols = ["HR@1"] if 1 in ks else []
+    cols += [f"{m}@{k}" for k in ks if k > 1 for m in ("HR", "NDCG")]
+    cols += ["MRR@10", "COV@10", "POP@10"]
     head = ["method", "users", *cols, "users/s", "p50 s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

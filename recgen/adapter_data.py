@@ -339,40 +339,35 @@ Negatives = Callable[[Sequence[History], Sequence[set[str]], int], list[list[str
 
 def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> Negatives:
     """A function (histories, excluded ids, k) -> k negatives each, from training data only."""
-    counts = np.zeros(len(catalog), dtype=np.float64)
-    for history in split.train.values():
-        for item_id in history.item_ids:
-            counts[catalog.position(item_id)] += 1
     ids = catalog.item_ids
-    if config.negatives == "uniform":
-        draw_rng = random.Random(config.seed)
 
-        def uniform(
+    def per_user(draw: Callable[[set[str], int], list[str]]) -> Negatives:
+        """``draw(items never to return, k)`` for each history, its own items excluded too."""
+
+        def negatives(
             histories: Sequence[History], excluded: Sequence[set[str]], k: int
         ) -> list[list[str]]:
-            out = []
-            for history, seen in zip(histories, excluded, strict=True):
-                seen = seen | set(history.item_ids)
-                out.append(draw_rng.sample([i for i in ids if i not in seen], k))
-            return out
+            return [draw(seen | set(h.item_ids), k)
+                    for h, seen in zip(histories, excluded, strict=True)]  # fmt: skip
 
-        return uniform
+        return negatives
+
+    if config.negatives == "uniform":
+        uniform_rng = random.Random(config.seed)
+        return per_user(lambda seen, k: uniform_rng.sample([i for i in ids if i not in seen], k))
     if config.negatives == "popular":
+        counts = np.zeros(len(catalog), dtype=np.float64)
+        for history in split.train.values():
+            for item_id in history.item_ids:
+                counts[catalog.position(item_id)] += 1
         rng = np.random.default_rng(config.seed)
         probs = (counts + 1) / (counts + 1).sum()
 
-        def popular(
-            histories: Sequence[History], excluded: Sequence[set[str]], k: int
-        ) -> list[list[str]]:
-            out = []
-            for history, seen in zip(histories, excluded, strict=True):
-                seen = seen | set(history.item_ids)
-                draw = rng.choice(len(ids), size=min(len(ids), 4 * k + len(seen)), p=probs)
-                picked = list(dict.fromkeys(ids[i] for i in draw if ids[i] not in seen))[:k]
-                out.append(picked)
-            return out
+        def popular(seen: set[str], k: int) -> list[str]:
+            draw = rng.choice(len(ids), size=min(len(ids), 4 * k + len(seen)), p=probs)
+            return list(dict.fromkeys(ids[i] for i in draw if ids[i] not in seen))[:k]
 
-        return popular
+        return per_user(popular)
     scorer = _retriever(split, catalog, config.retriever)
 
     def retrieved(

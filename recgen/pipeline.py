@@ -199,7 +199,7 @@ class Recommender:
         progress bar (the long evaluation runs use it).
         """
         resolved = [self._resolve(h) for h in histories]
-        cands = None if candidates is None else self._check_candidates(candidates)
+        cands = None if candidates is None else tuple(candidates)  # checked by trace_examples
         examples = [
             Example(user_id=h.user_id or "", history=h, target="", candidates=cands)
             for h in resolved
@@ -211,9 +211,8 @@ class Recommender:
     ) -> list[Trace]:
         """:meth:`trace_batch` for evaluation examples: each ranked under its own
         ``candidates`` (the sampled-candidates protocol), if it has them. Targets are unused."""
-        for ex in examples:
-            if ex.candidates is not None:
-                self._check_candidates(ex.candidates)
+        for cands in {ex.candidates for ex in examples if ex.candidates is not None}:
+            self._check_candidates(cands)  # each distinct list once (trace_batch shares one)
         if not show_progress:
             return self._trace_examples(examples, n=n)
         size = self.config.generation.batch_size
