@@ -85,6 +85,7 @@ ADAPTERS = {
         ("LoRA-gen", ROOT / "finetune" / "adapters" / "ml100k-lora-gen"),
         ("LoRA-next", ROOT / "finetune" / "adapters" / "ml100k-lora-next"),
         ("LoRA-sampled", ROOT / "finetune" / "adapters" / "ml100k-lora-sampled"),
+        ("LoRA-pop", ROOT / "finetune" / "adapters" / "ml100k-lora-pop"),
     ]
 }
 """The committed adapters per data set, (kind, folder) (an adapter knows its own catalog's
@@ -92,7 +93,8 @@ titles only). An adapter renders rerank prompts as it was trained, so its candid
 (``prompt.candidate_order``) picks which rerank rows it gets. ``LoRA-gen`` is trained mostly
 on the generation tasks (``finetune/ml100k-lora-gen.toml``), ``LoRA-next`` on next titles for
 trie decoding (``finetune/ml100k-lora-next.toml``), ``LoRA-sampled`` on sampled candidate lists
-(``--sampled``, ``finetune/ml100k-lora-sampled.toml``)."""
+(``--sampled``, ``finetune/ml100k-lora-sampled.toml``), ``LoRA-pop`` on such lists with each
+candidate's popularity in the prompt (``finetune/ml100k-lora-pop.toml``)."""
 KINDS = tuple(dict.fromkeys(kind for folders in ADAPTERS.values() for kind, _ in folders))
 """Adapter kinds (from ``ADAPTERS``, so a new kind gets its paired test against zero-shot): a
 method label names one of them where zero-shot rows say ``zero-shot``."""
@@ -105,6 +107,9 @@ RERANK = ["ranking.mode=rerank"]
 SHUFFLED = "prompt.candidate_order=shuffled"
 """Rerank prompts list the candidates in a seeded random order: the LLM cannot copy the
 retriever's order and has to judge the items (LLaRA's and TALLRec's candidate lists)."""
+POPULARITY = ["prompt.rerank_template=rerank-pop", "prompt.rerank_max_prompt_tokens=640"]
+"""Rerank prompts show each candidate's popularity level (``prompts/rerank-pop.jinja``), with
+the token budget ``LoRA-pop`` was trained with (``finetune/ml100k-lora-pop.toml``)."""
 LLM_ONLY = "ranking.collab_weight=0"
 """The LLM's order alone (in rerank mode: of the retrieved candidates; no fusion to tune)."""
 
@@ -204,18 +209,28 @@ def methods(name: str) -> dict[str, list[str]]:
             LLM_ONLY,
         ],
         "hybrid zero-shot (ensemble top-20 shuffled -> LLM rerank)": [*RERANK, SHUFFLED],
+        "LLM zero-shot (ensemble top-20 shuffled + popularity -> LLM rerank, LLM only)": [
+            *RERANK,
+            SHUFFLED,
+            *POPULARITY,
+            LLM_ONLY,
+        ],
+        "hybrid zero-shot (ensemble top-20 shuffled + popularity -> LLM rerank)": [
+            *RERANK,
+            SHUFFLED,
+            *POPULARITY,
+        ],
     }
     for kind, adapter in ADAPTERS.get(name, []):
         if not (adapter / "adapter_config.json").is_file():
             continue
         tuned = [f"generation.adapter={adapter}"]
-        if inference_prompt(adapter).candidate_order == "shuffled":
-            out[f"LLM {kind} (ensemble top-20 shuffled -> LLM rerank, LLM only)"] = [
-                *tuned,
-                *RERANK,
-                LLM_ONLY,
-            ]
-            out[f"hybrid {kind} (ensemble top-20 shuffled -> LLM rerank)"] = [*tuned, *RERANK]
+        trained = inference_prompt(adapter)
+        if trained.candidate_order == "shuffled":
+            hint = " + popularity" if trained.template == "rerank-pop" else ""
+            rows = f"ensemble top-20 shuffled{hint} -> LLM rerank"
+            out[f"LLM {kind} ({rows}, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
+            out[f"hybrid {kind} ({rows})"] = [*tuned, *RERANK]
             continue
         if kind != "prefix":  # free generation with prefix-tuning runs one prompt at a time
             out[f"LLM {kind} (generate, LLM only)"] = [*tuned, LLM_ONLY]

@@ -356,10 +356,7 @@ def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> 
         uniform_rng = random.Random(config.seed)
         return per_user(lambda seen, k: uniform_rng.sample([i for i in ids if i not in seen], k))
     if config.negatives == "popular":
-        counts = np.zeros(len(catalog), dtype=np.float64)
-        for history in split.train.values():
-            for item_id in history.item_ids:
-                counts[catalog.position(item_id)] += 1
+        counts = collab.interaction_counts(split.train, catalog)
         rng = np.random.default_rng(config.seed)
         probs = (counts + 1) / (counts + 1).sum()
 
@@ -444,9 +441,11 @@ class _Builder:
                 ("next", "recommend", config.prompt.n_titles),
                 ("explain", "rerank", 1),
                 ("summary", "summary", config.prompt.n_titles),
-                ("rerank", "rerank", 1),
+                ("rerank", config.prompt.rerank_template, 1),
             )
         }
+        self.counts = collab.interaction_counts(split.train, catalog)
+        """Training interaction counts (the rerank prompts' popularity levels)."""
         self.negatives = (
             _negative_source(config, split, catalog)
             if config.negatives != "retrieved" and (config.tasks.rerank > 0 or config.valid_samples)
@@ -568,7 +567,12 @@ class _Builder:
                 shown = [self.catalog[c] for c in cands[slot]] if task == "rerank" else [item]
                 index = 1 + [c.item_id for c in shown].index(item.item_id)
                 answer = _indexed_answer(index, item, explain_item(item, state), cap)
-            prompt = renderer.render(state, candidates=shown, answer=answer)
+            counts = None
+            if task == "rerank":  # as inference shows them; the target's count without this user
+                own = set(self.split.train.get(history.user_id or "", history).item_ids)
+                counts = [self.counts[self.catalog.position(i.item_id)] - (i.item_id in own)
+                          for i in shown]  # fmt: skip
+            prompt = renderer.render(state, candidates=shown, counts=counts, answer=answer)
             index_only = task == "rerank" and self.config.rerank_loss == "index"
             encoded = encode_example(
                 self.tokenizer, prompt.messages, answer, max_len=self.config.max_len,

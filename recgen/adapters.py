@@ -264,12 +264,16 @@ def inference_prompt(folder: str | Path, *, template: str = "rerank") -> PromptC
     Render inference prompts with these (and the adapter's ``interests`` config, in
     ``load_adapter_meta(folder)["config"]["interests"]``) so they match what the adapter saw:
     rerank examples ask for one pick (``n_titles=1``) and use the training token budget.
+    ``"rerank"`` means the adapter's rerank template (``prompt.rerank_template``, e.g.
+    ``rerank-pop``), so the result's ``template`` is the one to render.
 
     Raises:
         ConfigError: if the folder is not a recgen adapter.
     """
     config = FinetuneConfig.model_validate(load_adapter_meta(folder)["config"])
-    n_titles = 1 if template == "rerank" else config.prompt.n_titles
+    if template == "rerank":
+        template = config.prompt.rerank_template
+    n_titles = 1 if template == config.prompt.rerank_template else config.prompt.n_titles
     return config.prompt.for_template(template, n_titles=n_titles)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "TransitionScorer",
     "ensemble",
     "fit_scorer",
+    "interaction_counts",
     "load_scorer",
 ]
 
@@ -39,6 +40,18 @@ _log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- popularity
+
+
+def interaction_counts(train: Mapping[str, History], catalog: Catalog) -> np.ndarray:
+    """Interaction counts over catalog positions, from ``train`` only (items outside the
+    catalog are ignored): the popularity prior, most-popular's scores and the rerank prompts'
+    popularity levels."""
+    counts = np.zeros(len(catalog), dtype=np.float64)
+    for history in train.values():
+        for item_id in history.item_ids:
+            if item_id in catalog:
+                counts[catalog.position(item_id)] += 1
+    return counts
 
 
 class PopularityScorer:
@@ -52,12 +65,7 @@ class PopularityScorer:
 
     def fit(self, train: Mapping[str, History], catalog: Catalog) -> PopularityScorer:
         """Count interactions per catalog item; items outside the catalog are ignored."""
-        counts = np.zeros(len(catalog), dtype=np.float64)
-        for history in train.values():
-            for item_id in history.item_ids:
-                if item_id in catalog:
-                    counts[catalog.position(item_id)] += 1
-        self.catalog, self.counts = catalog, counts
+        self.catalog, self.counts = catalog, interaction_counts(train, catalog)
         return self
 
     def score(self, histories: Sequence[History]) -> np.ndarray:

@@ -95,7 +95,9 @@ class PromptConfig(_Config):
     n_titles: int = Field(default=5, ge=1, le=50)
     """How many titles the instruction asks for."""
     rerank_template: str = "rerank"
-    """Template that lists retrieved candidates, used in ``ranking.mode = "rerank"``."""
+    """Template that lists retrieved candidates, used in ``ranking.mode = "rerank"``:
+    ``rerank``, or ``rerank-pop``, which also shows each candidate's popularity level (the
+    collaborative hint a fine-tuned model learns to weigh). An adapter brings its own."""
     rerank_max_prompt_tokens: int = Field(default=400, ge=64)
     """Token budget of rerank prompts. A rerank costs one forward pass over the prompt, so this
     sets its speed: 20 candidates with two labels each take ~250 tokens, the summary and a few

@@ -383,7 +383,11 @@ class Recommender:
         ]
         states = [self._state(ex.history) for ex in examples]
         prompts = [
-            self.renderer.render(state, candidates=[self.catalog[c] for c in cands])
+            self.renderer.render(
+                state,
+                candidates=[self.catalog[c] for c in cands],
+                counts=[float(self.popularity[self.catalog.position(c)]) for c in cands],
+            )
             for state, cands in zip(states, retrieved, strict=True)
         ]
         logits = self.generator.score_candidates(prompts)  # type: ignore[attr-defined]
@@ -426,11 +430,15 @@ class Recommender:
     def _use_adapter(self, folder: str) -> None:
         """Refuse an adapter trained on another base model (in-process) or template version;
         render prompts as its examples of this template were: in rerank mode exactly (one
-        pick, its token budget), in generate mode with its token budget (the titles asked for
-        stay ``n_titles``). A served adapter gets the same prompts as an in-process one."""
-        template = self.renderer.template
-        trained = adapters.inference_prompt(folder, template=template)
-        if self.config.ranking.mode != "rerank":
+        pick, its token budget and its rerank template), in generate mode with its token budget
+        (the titles asked for stay ``n_titles``). A served adapter gets the same prompts as an
+        in-process one."""
+        rerank = self.config.ranking.mode == "rerank"
+        trained = adapters.inference_prompt(
+            folder, template="rerank" if rerank else self.renderer.template
+        )
+        template = trained.template
+        if not rerank:
             budget = {"max_prompt_tokens": trained.max_prompt_tokens}
             trained = self.renderer.config.model_copy(update=budget)
         if trained != self.renderer.config:
@@ -597,7 +605,7 @@ class Recommender:
         """
         split = split or splits.split_dataset(dataset, config.data)
         catalog = dataset.catalog
-        popularity = _counts(split.train, catalog)
+        popularity = collab.interaction_counts(split.train, catalog)
         scorer = None
         if config.collab.method != "none":
             scorer = evaluate.cached_scorer(
@@ -675,15 +683,6 @@ class Recommender:
             popularity=np.load(path / "popularity.npy"),
             real_time=bool(meta.get("real_time", True)),
         )
-
-
-def _counts(train: Mapping[str, History], catalog: Catalog) -> np.ndarray:
-    """Interaction counts over catalog positions, from training histories only."""
-    counts = np.zeros(len(catalog), dtype=np.float64)
-    for history in train.values():
-        for item_id in history.item_ids:
-            counts[catalog.position(item_id)] += 1
-    return counts
 
 
 def _answer_title(title: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "default_prompts_dir",
     "format_answer",
     "heuristic_token_count",
+    "popularity_level",
     "strip_year",
 ]
 
@@ -75,6 +77,13 @@ def heuristic_token_count(text: str) -> int:
 
 
 _YEAR_SUFFIX = re.compile(r"\s*\((?:1[89]|20)\d\d\)$")
+
+
+def popularity_level(count: float) -> int:
+    """An interaction count as a one-digit level, ``floor(log2(1 + count))`` capped at 9:
+    0 for an item nobody chose, 9 for 511 choices or more (one token a small model can compare).
+    """
+    return min(9, int(math.log2(1 + max(0.0, count))))
 
 
 def strip_year(title: str) -> str:
@@ -163,11 +172,13 @@ def default_prompts_dir() -> Path:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _ItemView:
-    """An item as templates see it: cleaned title, a short note (``liked``) and its labels."""
+    """An item as templates see it: cleaned title, a short note (``liked``), its labels and, for
+    candidates given counts, a ``popularity`` level (:func:`popularity_level`; else None)."""
 
     title: str
     note: str = ""
     labels: tuple[str, ...] = ()
+    popularity: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -223,6 +234,10 @@ class PromptRenderer:
         self._template = self._load(config.template)
         self.lists_candidates = "candidates" in self._variables(f"{config.template}.jinja")
         """Whether the template shows candidates (then ``render`` requires them)."""
+        self.shows_popularity = any(
+            ".popularity" in source for source in self._sources(f"{config.template}.jinja").values()
+        )
+        """Whether the template shows candidates' popularity (then ``render`` requires counts)."""
         self.template_hash = self._hash(f"{config.template}.jinja")
         self.n_over_budget = 0
         """Prompts rendered over the budget (at the minimum history) so far."""
@@ -241,6 +256,7 @@ class PromptRenderer:
         state: InterestState,
         *,
         candidates: Sequence[Item] = (),
+        counts: Sequence[float] | None = None,
         answer: str | None = None,
     ) -> Prompt:
         """Render one prompt, cutting the oldest recent items until it fits the token budget.
@@ -248,6 +264,9 @@ class PromptRenderer:
         Args:
             state: The user's interest state.
             candidates: Items to list for the model to choose from (rerank); never cut.
+            counts: Per candidate, its training interaction count, shown as
+                ``item.popularity`` (:func:`popularity_level`) to templates that use it
+                (``rerank-pop``); those need it.
             answer: The target completion, for fine-tuning examples.
 
         Returns:
@@ -256,13 +275,24 @@ class PromptRenderer:
 
         Raises:
             ConfigError: if the template fails (an undefined variable, a sandbox violation).
-            DataError: if the template lists candidates and none were given. Candidates given
-                to a template that does not show them are ignored (not recorded as offered).
+            DataError: if the template lists candidates and none were given, or ``counts`` do
+                not pair with them. Candidates given to a template that does not show them are
+                ignored (not recorded as offered).
         """
         if self.lists_candidates and not candidates:
             raise DataError(
                 f"template {self.template!r} lists candidates for the model to rank: pass "
                 "candidates=[...] (catalog items), or use the 'recommend' template"
+            )
+        if self.shows_popularity and candidates and counts is None:
+            raise DataError(
+                f"template {self.template!r} shows each candidate's popularity: pass counts=[...] "
+                "(training interaction counts, one per candidate)"
+            )
+        if counts is not None and len(counts) != len(candidates):
+            raise DataError(
+                f"counts has {len(counts)} entries for {len(candidates)} candidates: pass one "
+                "training interaction count per candidate, in the same order"
             )
         if not self.lists_candidates:
             candidates = ()  # not shown, so not recorded as offered
@@ -271,8 +301,9 @@ class PromptRenderer:
             _ItemView(
                 title=clean_text(item.title, cap),
                 labels=tuple(clean_text(label, cap) for label in item.labels),
+                popularity=None if counts is None else popularity_level(counts[j]),
             )
-            for item in candidates
+            for j, item in enumerate(candidates)
         )
         n_recent = keep = len(state.recent)
         messages = self._messages(state, keep, titles)

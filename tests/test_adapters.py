@@ -254,6 +254,47 @@ def test_uniform_negatives_are_items_the_user_never_saw(tiny: tuple[Any, Any]) -
     assert negatives - popular  # uniform draws reach items nobody interacted with
 
 
+def test_rerank_pop_examples_show_training_popularity_without_the_users_own_choice(
+    tiny: tuple[Any, Any],
+) -> None:
+    from collections import Counter
+
+    from recgen.prompting import popularity_level
+
+    _, split = tiny
+    only_rerank = {"rerank": 1, "next": 0, "explain": 0, "summary": 0}
+    prompt = {**TINY["prompt"], "rerank_template": "rerank-pop"}
+    train, valid, _ = _build(
+        tiny, negatives="uniform", tasks=only_rerank, n_candidates=6, prompt=prompt
+    )
+    counts = Counter(i for h in split.train.values() for i in h.item_ids)
+    lowered = 0
+    for row in [*train, *valid]:
+        assert row["template"] == "rerank-pop"
+        own = set(split.train[row["user_id"]].item_ids)
+        lines = row["messages"][1]["content"].split("Candidates:\n", 1)[1].splitlines()
+        for line, item_id in zip(lines, row["candidates"], strict=False):
+            level = popularity_level(counts[item_id] - (item_id in own))
+            assert line.endswith(f"[popularity {level}]"), (line, item_id)
+        target = row["target"]
+        lowered += popularity_level(counts[target] - (target in own)) < popularity_level(
+            counts[target]
+        )
+    assert lowered  # some training targets' levels would have counted their own user
+
+
+def test_an_adapter_brings_its_rerank_template(tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    prompt = PromptConfig(rerank_template="rerank-pop", rerank_max_prompt_tokens=640)
+    write_adapter_meta(adapter, FinetuneConfig(prompt=prompt, max_len=720), template_hashes={})
+    trained = inference_prompt(adapter)
+    assert (trained.template, trained.n_titles, trained.max_prompt_tokens) == ("rerank-pop", 1, 640)
+    recommend = inference_prompt(adapter, template="recommend")
+    assert (recommend.template, recommend.n_titles) == ("recommend", prompt.n_titles)
+
+
 def test_shuffled_rerank_examples_list_candidates_as_inference_does(tiny: tuple[Any, Any]) -> None:
     from recgen import ranking
 

@@ -493,6 +493,45 @@ def test_a_served_adapter_gets_the_prompts_it_was_trained_with(tmp_path: Path) -
         Recommender(config, catalog=catalog, generator=FakeGenerator(), index=index, scorer=scorer)
 
 
+def test_an_adapter_trained_with_popularity_hints_gets_them_at_inference(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import numpy as np
+
+    from recgen.config import PromptConfig
+    from recgen.prompting import PromptRenderer
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(Path(__file__).parents[1] / "finetune" / "adapters" / "ml100k-lora", adapter)
+    meta = json.loads((adapter / "recgen_adapter.json").read_text())
+    meta["config"]["prompt"]["rerank_template"] = "rerank-pop"
+    pop_hash = PromptRenderer(PromptConfig(template="rerank-pop")).template_hash
+    meta["template_hashes"]["rerank-pop"] = pop_hash
+    (adapter / "recgen_adapter.json").write_text(json.dumps(meta))
+    served = ["generation.backend=openai", "generation.model=ml-lora", "ranking.mode=rerank"]
+    config = load_config(  # the user's config names the plain template: the adapter's wins
+        overrides=["grounding.encoder=hash", *served, f"generation.adapter={adapter}"]
+    )
+    catalog = _catalog()
+    index = CatalogIndex.build(catalog, HashEncoder(), config.grounding, show_progress=False)
+    scorer = PopularityScorer().fit({"a": History.create(["1", "2"])}, catalog)
+    counts = np.arange(len(catalog), dtype=np.float64) * 100  # levels 0, 6, 7, 8, 8, 9, ...
+    gen = FakeGenerator()
+    rec = Recommender(
+        config, catalog=catalog, generator=gen, index=index, scorer=scorer, popularity=counts
+    )
+    assert rec.renderer.template == "rerank-pop"
+    assert rec.renderer.config.n_titles == 1
+    rec.trace_batch([["1"]], n=3)
+    prompt = gen.calls[-1]
+    user = prompt.messages[1].content
+    for k, item_id in enumerate(prompt.candidates, 1):
+        level = min(9, int(np.log2(1 + counts[catalog.position(item_id)])))
+        assert f"\n{k}. {catalog[item_id].title.split(' (')[0]}" in user
+        assert f"[popularity {level}]" in user.split(f"\n{k}. ", 1)[1].split("\n", 1)[0]
+
+
 def test_an_explanation_with_a_false_genre_is_replaced_by_the_data_derived_one() -> None:
     rec = _recommender()
     rec.generator = FakeGenerator(

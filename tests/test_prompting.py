@@ -28,6 +28,7 @@ from recgen.prompting import (
     clean_text,
     default_prompts_dir,
     format_answer,
+    popularity_level,
     strip_year,
 )
 from recgen.types import InterestState, Item, Prompt
@@ -110,6 +111,41 @@ def test_golden_rerank() -> None:
     prompt = renderer.render(_state(), candidates=ITEMS[6:12])
     _check_golden("rerank", _render_text(prompt))
     assert prompt.candidates == tuple(item.item_id for item in ITEMS[6:12])
+
+
+def test_golden_rerank_pop() -> None:
+    renderer = PromptRenderer(PromptConfig(template="rerank-pop", n_titles=3))
+    counts = [0, 1, 2, 300, 511, 4000]
+    prompt = renderer.render(_state(), candidates=ITEMS[6:12], counts=counts)
+    _check_golden("rerank-pop", _render_text(prompt))
+    plain = PromptRenderer(PromptConfig(template="rerank", n_titles=3))
+    # The same list as rerank.jinja's, each line with its level; the summary is shared.
+    user, base = prompt.messages[1].content, plain.render(_state(), candidates=ITEMS[6:12])
+    assert user.split("Candidates:")[0] == base.messages[1].content.split("Candidates:")[0]
+    assert "1. Brazil [popularity 0]\n2. Ran [popularity 1]\n3. Am" in user
+    assert "[popularity 8]\n5. Matrix, The [popularity 9]\n6. Clerks [popularity 9]\n" in user
+
+
+@pytest.mark.parametrize(
+    ("count", "level"), [(0, 0), (1, 1), (2, 1), (3, 2), (254, 7), (255, 8), (511, 9), (10**6, 9)]
+)
+def test_popularity_level_is_log2_capped_at_one_digit(count: int, level: int) -> None:
+    assert popularity_level(count) == level
+
+
+def test_rerank_pop_needs_one_count_per_candidate() -> None:
+    renderer = PromptRenderer(PromptConfig(template="rerank-pop"))
+    assert renderer.shows_popularity
+    assert not PromptRenderer(PromptConfig(template="rerank")).shows_popularity
+    with pytest.raises(DataError, match="pass counts"):
+        renderer.render(_state(), candidates=ITEMS[6:8])
+    with pytest.raises(DataError, match="counts has 1 entries for 2 candidates"):
+        renderer.render(_state(), candidates=ITEMS[6:8], counts=[3])
+    # Templates without the hint ignore counts: rerank prompts are unchanged by them.
+    plain = PromptRenderer(PromptConfig(template="rerank"))
+    assert plain.render(_state(), candidates=ITEMS[6:8], counts=[3, 4]) == plain.render(
+        _state(), candidates=ITEMS[6:8]
+    )
 
 
 def test_golden_summary() -> None:
@@ -325,7 +361,7 @@ def test_sandbox_blocks_python_internals(tmp_path: Path, expression: str) -> Non
 
 
 def test_unknown_template_lists_the_available_ones() -> None:
-    with pytest.raises(ConfigError, match=r"\['recommend', 'rerank', 'summary'\]"):
+    with pytest.raises(ConfigError, match=r"\['recommend', 'rerank', 'rerank-pop', 'summary'\]"):
         PromptRenderer(PromptConfig(template="recomend"))
 
 
@@ -347,7 +383,9 @@ def test_packaged_templates_are_found() -> None:
     assert {p.name for p in folder.glob("*.jinja")} >= {
         "recommend.jinja", "rerank.jinja", "summary.jinja", "_summary.jinja"
     }  # fmt: skip
-    assert PromptRenderer(PromptConfig()).available() == ["recommend", "rerank", "summary"]
+    assert PromptRenderer(PromptConfig()).available() == [
+        "recommend", "rerank", "rerank-pop", "summary"
+    ]  # fmt: skip
 
 
 @pytest.mark.model
