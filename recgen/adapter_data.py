@@ -337,8 +337,11 @@ def row_prompt(row: Mapping[str, Any], template_hash: str = "") -> Prompt:
 Negatives = Callable[[Sequence[History], Sequence[set[str]], int], list[list[str]]]
 
 
-def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> Negatives:
-    """A function (histories, excluded ids, k) -> k negatives each, from training data only."""
+def _negative_source(
+    config: FinetuneConfig, split: Split, catalog: Catalog, counts: np.ndarray
+) -> Negatives:
+    """A function (histories, excluded ids, k) -> k negatives each, from training data only
+    (``counts``: the training interaction counts, :func:`recgen.collab.interaction_counts`)."""
     ids = catalog.item_ids
 
     def per_user(draw: Callable[[set[str], int], list[str]]) -> Negatives:
@@ -356,7 +359,6 @@ def _negative_source(config: FinetuneConfig, split: Split, catalog: Catalog) -> 
         uniform_rng = random.Random(config.seed)
         return per_user(lambda seen, k: uniform_rng.sample([i for i in ids if i not in seen], k))
     if config.negatives == "popular":
-        counts = collab.interaction_counts(split.train, catalog)
         rng = np.random.default_rng(config.seed)
         probs = (counts + 1) / (counts + 1).sum()
 
@@ -447,7 +449,7 @@ class _Builder:
         self.counts = collab.interaction_counts(split.train, catalog)
         """Training interaction counts (the rerank prompts' popularity levels)."""
         self.negatives = (
-            _negative_source(config, split, catalog)
+            _negative_source(config, split, catalog, self.counts)
             if config.negatives != "retrieved" and (config.tasks.rerank > 0 or config.valid_samples)
             else None
         )
