@@ -539,14 +539,18 @@ class _Builder:
             if candidates
             else [[] for _ in windows]
         )
+        pointwise = task == "rerank" and self.config.prompt.rerank_scoring == "yes-no"
+        # What each user has in the training split: never a negative, and left out of the
+        # counts the prompt shows (as inference shows them, without this user's own choice).
+        owns = [
+            set(self.split.train.get(h.user_id or "", h).item_ids) if task == "rerank" else set()
+            for h, _, _ in windows
+        ]
         if task == "rerank" and windows and candidates is None:
-            # Never a negative: the target, or anything the user has in the training split.
-            excluded = [
-                {i.item_id, *self.split.train.get(h.user_id or "", h).item_ids}
-                for h, i, _ in windows
-            ]
             negs = self.negatives(  # type: ignore[misc]
-                [h for h, _, _ in windows], excluded, self.config.n_candidates - 1
+                [h for h, _, _ in windows],
+                [{i.item_id, *own} for own, (_, i, _) in zip(owns, windows, strict=True)],
+                1 if pointwise else self.config.n_candidates - 1,
             )
             for slot, (neg, (_, item, _)) in enumerate(zip(negs, windows, strict=True)):
                 cands[slot] = [*neg, item.item_id]
@@ -554,6 +558,16 @@ class _Builder:
         out = []
         for slot, (history, item, t) in enumerate(windows):
             state = self.state(history)
+            own = owns[slot]
+            if pointwise:  # TALLRec: the target answered Yes, one negative No
+                for c in [item.item_id, *(x for x in cands[slot] if x != item.item_id)][:2]:
+                    answer = "Yes" if c == item.item_id else "No"
+                    count = self.counts[self.catalog.position(c)] - (c in own)
+                    prompt = renderer.render(
+                        state, candidates=[self.catalog[c]], counts=[count], answer=answer
+                    )
+                    out += self._encoded(task, prompt, answer, item, t, history, index_only=False)
+                continue
             shown: list[Item] = []
             if task == "next":
                 future = self.split.train[history.user_id or ""].events[
@@ -570,29 +584,37 @@ class _Builder:
                 index = 1 + [c.item_id for c in shown].index(item.item_id)
                 answer = _indexed_answer(index, item, explain_item(item, state), cap)
             counts = None
-            if task == "rerank":  # as inference shows them; the target's count without this user
-                own = set(self.split.train.get(history.user_id or "", history).item_ids)
+            if task == "rerank":
                 counts = [self.counts[self.catalog.position(i.item_id)] - (i.item_id in own)
                           for i in shown]  # fmt: skip
             prompt = renderer.render(state, candidates=shown, counts=counts, answer=answer)
             index_only = task == "rerank" and self.config.rerank_loss == "index"
-            encoded = encode_example(
-                self.tokenizer, prompt.messages, answer, max_len=self.config.max_len,
-                label_prefix=answer.split(".", 1)[0] + "." if index_only else None,
-            )  # fmt: skip
-            if encoded is None:
-                self.dropped += 1
-                continue
-            out.append({
-                "task": task, "user_id": history.user_id or "", "template": prompt.template,
-                "messages": [{"role": m.role, "content": m.content} for m in prompt.messages],
-                "answer": answer, "target": item.item_id, "position": t,
-                "candidates": list(prompt.candidates),
-                "target_index": 1 + list(prompt.candidates).index(item.item_id)
-                if prompt.candidates else 0,
-                "input_ids": encoded[0], "labels": encoded[1],
-            })  # fmt: skip
+            out += self._encoded(task, prompt, answer, item, t, history, index_only=index_only)
         return out
+
+    def _encoded(
+        self, task: str, prompt: Prompt, answer: str, item: Item, t: int, history: History,
+        *, index_only: bool,
+    ) -> list[dict]:  # fmt: skip
+        """The dataset row of one rendered example ([] when it is too long: counted)."""
+        encoded = encode_example(
+            self.tokenizer, prompt.messages, answer, max_len=self.config.max_len,
+            label_prefix=answer.split(".", 1)[0] + "." if index_only else None,
+        )  # fmt: skip
+        if encoded is None:
+            self.dropped += 1
+            return []
+        cfg = self.config.prompt
+        pointwise = cfg.rerank_scoring == "yes-no" and prompt.template == cfg.rerank_template
+        listed = item.item_id in prompt.candidates and not pointwise
+        return [{
+            "task": task, "user_id": history.user_id or "", "template": prompt.template,
+            "messages": [{"role": m.role, "content": m.content} for m in prompt.messages],
+            "answer": answer, "target": item.item_id, "position": t,
+            "candidates": list(prompt.candidates),
+            "target_index": 1 + list(prompt.candidates).index(item.item_id) if listed else 0,
+            "input_ids": encoded[0], "labels": encoded[1],
+        }]  # fmt: skip
 
     def train_rows(self) -> list[dict]:
         cfg = self.config

@@ -102,6 +102,12 @@ class PromptConfig(_Config):
     """Token budget of rerank prompts. A rerank costs one forward pass over the prompt, so this
     sets its speed: 20 candidates with two labels each take ~250 tokens, the summary and a few
     recent items the rest."""
+    rerank_scoring: Literal["list", "yes-no"] = "list"
+    """How the LLM scores rerank candidates: ``list``, one prompt listing them all, each scored
+    by the log-probability of its number as the answer (LlamaRec); or ``yes-no``, one prompt per
+    candidate (``rerank_template`` shows ``candidates[0]``), scored by log P(Yes) - log P(No)
+    (TALLRec). ``yes-no`` costs a forward pass per candidate and runs on the transformers
+    backend. An adapter brings its own."""
     candidate_order: Literal["retrieved", "shuffled"] = "retrieved"
     """Order of the rerank prompt's candidate list: the retriever's (LlamaRec), or ``shuffled``
     with a seed of ``seed`` and the user (LLaRA, TALLRec), so the LLM has to judge the items

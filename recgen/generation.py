@@ -21,7 +21,7 @@ from recgen._openai import OpenAIGenerator, distinct_texts
 from recgen.config import GenerationConfig, cache_dir
 from recgen.errors import ConfigError
 from recgen.types import Generation, Prompt
-from recgen.verbalizer import candidate_scores
+from recgen.verbalizer import candidate_scores, yes_no_scores
 
 if TYPE_CHECKING:
     from recgen.constrained import AnswerTitles, TitleTrie
@@ -171,6 +171,10 @@ class FakeGenerator:
             else:
                 out.append([float(x) for x in self._candidate_scores(prompt)])
         return out
+
+    def score_yes_no(self, prompts: Sequence[Prompt]) -> list[float]:
+        """The script's first score per pointwise prompt (0, no preference, without one)."""
+        return [row[0] if row else 0.0 for row in self.score_candidates(prompts)]
 
 
 # --------------------------------------------------------------------------- embedded model
@@ -327,6 +331,16 @@ class TransformersGenerator:
             self.model, self.tokenizer, prompts, batch_size=self.config.batch_size
         )
         _log.info("scored %d prompts in %.2f s", len(prompts), time.perf_counter() - start)
+        return scores
+
+    def score_yes_no(self, prompts: Sequence[Prompt]) -> list[float]:
+        """``log P(Yes) - log P(No)`` per pointwise prompt (``prompt.rerank_scoring = "yes-no"``;
+        see :func:`recgen.verbalizer.yes_no_scores`)."""
+        start = time.perf_counter()
+        scores = yes_no_scores(
+            self.model, self.tokenizer, prompts, batch_size=self.config.batch_size
+        )
+        _log.info("scored %d yes-no prompts in %.2f s", len(prompts), time.perf_counter() - start)
         return scores
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from recgen.errors import DataError
 
 __all__ = [
-    "DEFAULT_KS", "Metrics", "PairedTest", "candidate_list_metrics", "candidate_list_values",
+    "DEFAULT_KS", "Metrics", "PairedTest", "auc", "candidate_list_metrics", "candidate_list_values",
     "paired_test",
     "score_rankings",
 ]  # fmt: skip
@@ -248,3 +248,20 @@ def candidate_list_metrics(
     values = candidate_list_values(scores, targets)
     out = {k: float(v.mean()) if v.size else 0.0 for k, v in values.items()}
     return out if ndigits is None else {k: round(v, ndigits) for k, v in out.items()}
+
+
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve: the chance a positive outscores a negative (ties count half),
+    TALLRec's metric for yes/no answers; 0.5 is chance. Raises ValueError without both kinds."""
+    from scipy import stats  # pyright: ignore[reportMissingTypeStubs]
+
+    pos = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if len(scores) != len(pos) or not n_pos or not n_neg:
+        raise ValueError(
+            f"auc needs one score per label and both labels, got {len(scores)} scores, "
+            f"{n_pos} positives, {n_neg} negatives"
+        )
+    ranked = stats.rankdata(np.asarray(scores, dtype=np.float64))  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    ranks = np.asarray(ranked, dtype=np.float64)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

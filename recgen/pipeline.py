@@ -6,6 +6,7 @@ This is the only module that composes the stages; each stage stays ignorant of t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from collections import Counter
@@ -382,15 +383,34 @@ class Recommender:
             for j, ex in enumerate(examples)
         ]
         states = [self._state(ex.history) for ex in examples]
-        prompts = [
-            self.renderer.render(
-                state,
-                candidates=[self.catalog[c] for c in cands],
-                counts=[float(self.popularity[self.catalog.position(c)]) for c in cands],
-            )
-            for state, cands in zip(states, retrieved, strict=True)
-        ]
-        logits = self.generator.score_candidates(prompts)  # type: ignore[attr-defined]
+        render = self.renderer.render
+
+        def count(c: str) -> float:
+            return float(self.popularity[self.catalog.position(c)])
+
+        if self.renderer.config.rerank_scoring == "yes-no":  # one prompt per candidate
+            if not hasattr(self.generator, "score_yes_no"):
+                raise ConfigError(
+                    "prompt.rerank_scoring='yes-no' (set by config or adapter) scores one prompt "
+                    f"per candidate, which backend {self.config.generation.backend!r} cannot: "
+                    "use generation.backend='transformers' or prompt.rerank_scoring='list'"
+                )
+            asked = [
+                [render(s, candidates=[self.catalog[c]], counts=[count(c)]) for c in cands]
+                for s, cands in zip(states, retrieved, strict=True)
+            ]
+            flat = self.generator.score_yes_no([p for ps in asked for p in ps])  # type: ignore[attr-defined]
+            bounds = np.cumsum([0, *(len(ps) for ps in asked)])
+            logits = [flat[a:b] for a, b in itertools.pairwise(bounds)]
+            prompts = [ps[0] if ps else None for ps in asked]
+        else:
+            prompts = [
+                render(
+                    s, candidates=[self.catalog[c] for c in cands], counts=[count(c) for c in cands]
+                )
+                for s, cands in zip(states, retrieved, strict=True)
+            ]
+            logits = self.generator.score_candidates(prompts)  # type: ignore[attr-defined]
         out = []
         for j, ex in enumerate(examples):
             trace = Trace(

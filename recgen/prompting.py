@@ -289,6 +289,13 @@ class PromptRenderer:
                 f"template {self.template!r} shows each candidate's popularity: pass counts=[...] "
                 "(training interaction counts, one per candidate)"
             )
+        pointwise = self.config.rerank_scoring == "yes-no"
+        if pointwise and self.template == self.config.rerank_template and len(candidates) > 1:
+            raise DataError(
+                f"template {self.template!r} asks yes or no about one candidate "
+                f"(prompt.rerank_scoring='yes-no'), got {len(candidates)}: render one prompt "
+                "per candidate"
+            )
         if counts is not None and len(counts) != len(candidates):
             raise DataError(
                 f"counts has {len(counts)} entries for {len(candidates)} candidates: pass one "

@@ -28,9 +28,9 @@ from recgen.adapters import (
 )
 from recgen.config import dump_config, load_config
 from recgen.errors import ConfigError
-from recgen.metrics import candidate_list_metrics
+from recgen.metrics import auc, candidate_list_metrics
 from recgen.types import Catalog, Split
-from recgen.verbalizer import candidate_scores
+from recgen.verbalizer import candidate_scores, yes_no_scores
 
 __all__ = ["train_adapter"]
 
@@ -342,12 +342,17 @@ class _Run:
             for start in range(0, len(self.valid), size):
                 loss, n = self._loss_sum(self.valid[start : start + size])
                 total, count = total + float(loss), count + n
+        loss = {"loss": round(total / max(count, 1), 5)}
+        if self.config.prompt.rerank_scoring == "yes-no":  # pointwise: AUC of Yes over No
+            rows = [row for row in self.valid if row["answer"] in ("Yes", "No")]
+            scores = yes_no_scores(self.model, self.tokenizer, [row_prompt(r) for r in rows])
+            self.model.train()
+            return loss | {"auc": round(auc(scores, [r["answer"] == "Yes" for r in rows]), 5)}
         rows = [row for row in self.valid if row["target_index"]]
         scores = candidate_scores(self.model, self.tokenizer, [row_prompt(r) for r in rows])
         ranked = candidate_list_metrics(scores, [r["target_index"] for r in rows])
         self.model.train()
-        return {"loss": round(total / max(count, 1), 5), "ndcg": round(ranked["NDCG"], 5),
-                "hr1": round(ranked["HR@1"], 5)}  # fmt: skip
+        return loss | {"ndcg": round(ranked["NDCG"], 5), "hr1": round(ranked["HR@1"], 5)}
 
     # ------------------------------------------------------------------ state
 
@@ -430,8 +435,8 @@ def selection_value(select_by: str, metrics: dict[str, float], *, step: int) -> 
     """What a validation is ranked by (higher is better): the verbalizer's NDCG, minus the
     loss, or (``last``) the step itself, so the latest validated adapter is kept and patience
     never stops the run."""
-    if select_by == "ndcg":
-        return metrics["ndcg"]
+    if select_by == "ndcg":  # pointwise adapters validate AUC instead
+        return metrics["ndcg"] if "ndcg" in metrics else metrics["auc"]
     if select_by == "loss":
         return -metrics["loss"]
     return float(step)

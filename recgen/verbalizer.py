@@ -1,10 +1,12 @@
-"""Verbalizer: score every listed candidate of rerank prompts from one forward pass.
+"""Verbalizer: score rerank candidates from the answer's first tokens.
 
 Rerank answers start with the chosen candidate's number in the prompt's list
 (``7. Heat (1995) | ...``), so the log-probability of each number is that candidate's score,
 LlamaRec-style: the first digit comes from one forward pass over the prompt, and for numbers
 that share a leading digit with longer ones one cached step more per leading digit. Used by the
-``transformers`` generator in rerank mode and by fine-tuning's validation.
+``transformers`` generator in rerank mode and by fine-tuning's validation. Pointwise prompts
+(``prompt.rerank_scoring = "yes-no"``) ask about one candidate each and are scored by
+``log P(Yes) - log P(No)`` (:func:`yes_no_scores`, TALLRec).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from recgen.types import Prompt
 
-__all__ = ["candidate_scores"]
+__all__ = ["candidate_scores", "yes_no_scores"]
 
 
 def candidate_scores(
@@ -43,12 +45,39 @@ def candidate_scores(
     return out
 
 
-def _score_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[float]]:
+def yes_no_scores(
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, batch_size: int = 8
+) -> list[float]:
+    """``log P(Yes) - log P(No)`` of the answer's first token, one forward pass per batch
+    (pointwise reranking, TALLRec; ``prompt.rerank_scoring = "yes-no"``).
+
+    Args:
+        model: A causal LM (base, peft or merged), in eval mode.
+        tokenizer: Its tokenizer (with the chat template); ``Yes`` and ``No`` are read as the
+            first token of each word.
+        prompts: Rendered prompts that ask a yes-or-no question.
+        batch_size: Prompts per forward pass.
+
+    Returns:
+        One score per prompt, higher for Yes.
+    """
     import torch
 
-    digit = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    dot = tokenizer.convert_tokens_to_ids(".")
-    texts = [
+    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        rows = tokenizer(_chats(tokenizer, batch), add_special_tokens=False)["input_ids"]
+        ids, mask, pos = _left_pad(rows, tokenizer.pad_token_id)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        logp = torch.log_softmax(logits.float(), -1)
+        out.extend(float(x) for x in logp[:, yes] - logp[:, no])
+    return out
+
+
+def _chats(tokenizer: Any, prompts: Sequence[Prompt]) -> list[str]:
+    return [
         tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in p.messages],
             tokenize=False,
@@ -56,7 +85,14 @@ def _score_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt]) -> list[
         )
         for p in prompts
     ]
-    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _score_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[float]]:
+    import torch
+
+    digit = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    dot = tokenizer.convert_tokens_to_ids(".")
+    rows = tokenizer(_chats(tokenizer, prompts), add_special_tokens=False)["input_ids"]
     leads = list(range(1, max(len(p.candidates) for p in prompts) // 10 + 1))
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", 0)
     with torch.inference_mode():

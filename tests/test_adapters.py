@@ -283,6 +283,39 @@ def test_rerank_pop_examples_show_training_popularity_without_the_users_own_choi
     assert lowered  # some training targets' levels would have counted their own user
 
 
+def test_yes_no_examples_ask_about_the_target_and_one_unseen_negative(
+    tiny: tuple[Any, Any],
+) -> None:
+    from collections import Counter
+
+    from recgen.prompting import popularity_level
+
+    _, split = tiny
+    only_rerank = {"rerank": 1, "next": 0, "explain": 0, "summary": 0}
+    prompt = {**TINY["prompt"], "rerank_template": "rerank-yesno", "rerank_scoring": "yes-no"}
+    train, valid, _ = _build(tiny, negatives="uniform", tasks=only_rerank, prompt=prompt)
+    counts = Counter(i for h in split.train.values() for i in h.item_ids)
+    for rows in (train, valid):
+        assert rows
+        assert {r["answer"] for r in rows} == {"Yes", "No"}
+        for row in rows:
+            assert row["template"] == "rerank-yesno"
+            assert row["target_index"] == 0
+            (candidate,) = row["candidates"]
+            own = set(split.train[row["user_id"]].item_ids)
+            if row["answer"] == "Yes":
+                assert candidate == row["target"]
+            else:  # a negative is never the target nor anything the user has
+                assert candidate != row["target"]
+                assert candidate not in own
+            level = popularity_level(counts[candidate] - (candidate in own))
+            assert f"[popularity {level}]" in row["messages"][1]["content"]
+    # Each window gives one Yes and one No: the two prompts share the user and target.
+    yes = Counter((r["user_id"], r["target"], r["position"]) for r in train if r["answer"] == "Yes")
+    no = Counter((r["user_id"], r["target"], r["position"]) for r in train if r["answer"] == "No")
+    assert yes == no
+
+
 def test_an_adapter_brings_its_rerank_template(tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -654,6 +687,10 @@ def test_selection_keeps_the_best_ndcg_the_lowest_loss_or_the_last_step() -> Non
         for by in ("ndcg", "loss", "last")
     }
     assert rank == {"ndcg": 40, "loss": 40, "last": 80}
+    # A pointwise (yes-no) run validates AUC, not NDCG: "ndcg" selection ranks by it.
+    early, late = {"auc": 0.60, "loss": 0.7}, {"auc": 0.69, "loss": 0.8}
+    assert selection_value("ndcg", late, step=80) > selection_value("ndcg", early, step=40)
+    assert selection_value("loss", late, step=80) < selection_value("loss", early, step=40)
 
 
 COMMITTED = sorted(p.parent for p in (FINETUNE / "adapters").glob("*/adapter_config.json"))

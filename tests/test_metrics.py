@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from recgen.errors import DataError
 from recgen.metrics import (
+    auc,
     candidate_list_metrics,
     candidate_list_values,
     paired_test,
@@ -175,3 +176,17 @@ def test_candidate_list_metrics_hand_computed() -> None:
     assert per_list["HR@1"].tolist() == [1.0, 0.0, 1.0]
     assert per_list["NDCG"].tolist() == pytest.approx([1.0, 1 / math.log2(7), 1.0])
     assert candidate_list_metrics([], []) == {"HR@1": 0.0, "HR@5": 0.0, "NDCG": 0.0}
+
+
+def test_auc_counts_pairs_a_positive_wins_and_ties_as_half() -> None:
+    assert auc([0.9, 0.1, 0.5], [True, False, False]) == 1.0
+    assert auc([0.1, 0.9], [True, False]) == 0.0
+    # 2 positives x 2 negatives: 0.8 beats both, 0.3 beats 0.2 and ties 0.3 -> 3.5 / 4
+    assert auc([0.8, 0.3, 0.3, 0.2], [True, True, False, False]) == pytest.approx(0.875)
+
+
+def test_auc_needs_both_labels_and_one_score_per_label() -> None:
+    with pytest.raises(ValueError, match="0 negatives"):
+        auc([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="one score per label"):
+        auc([0.1], [True, False])

@@ -219,6 +219,35 @@ def _reranker(llm_weight: float, prefer_last: bool = True, *extra: str) -> Recom
     return rec
 
 
+def test_yes_no_rerank_asks_once_per_candidate_and_ranks_by_the_answers() -> None:
+    yes_no = ["prompt.rerank_template=rerank-yesno", "prompt.rerank_scoring=yes-no"]
+    rec = _reranker(10.0, True, *yes_no, "ranking.collab_weight=0")
+    # log P(Yes) - log P(No) per prompt: here the candidate's item id, so "9" outscores "7"
+    rec.generator = FakeGenerator(candidate_scores=lambda p: [float(p.candidates[0])])
+    trace = rec.trace_batch([["1", "2"]], n=4)[0]
+    assert len(rec.generator.calls) == len(trace.retrieved) == 4
+    assert [p.candidates for p in rec.generator.calls] == [(c,) for c in trace.retrieved]
+    assert trace.candidate_logits == tuple(float(c) for c in trace.retrieved)
+    ranked = [r.item_id for r in trace.recommendations]
+    assert ranked == sorted(trace.retrieved, key=float, reverse=True)
+
+
+def test_yes_no_rerank_refuses_a_backend_without_yes_no_scores() -> None:
+    rec = _reranker(
+        10.0, True, "prompt.rerank_template=rerank-yesno", "prompt.rerank_scoring=yes-no"
+    )
+
+    class ListOnly:
+        name = "list-only"
+        generate = rec.generator.generate
+        count_tokens = rec.generator.count_tokens
+        score_candidates = rec.generator.score_candidates
+
+    rec.generator = ListOnly()  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="cannot: use generation"):
+        rec.trace_batch([["1", "2"]], n=4)
+
+
 def test_rerank_mode_scores_the_retrieved_items_and_fuses_them() -> None:
     collab_only = _reranker(0.0).recommend(["1", "2"], n=6)
     trace = _reranker(10.0).trace_batch([["1", "2"]], n=6)[0]

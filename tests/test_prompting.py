@@ -148,6 +148,18 @@ def test_rerank_pop_needs_one_count_per_candidate() -> None:
     )
 
 
+def test_rerank_yesno_asks_about_one_candidate_with_its_popularity() -> None:
+    config = PromptConfig(template="rerank-yesno", rerank_template="rerank-yesno",
+                          rerank_scoring="yes-no")  # fmt: skip
+    renderer = PromptRenderer(config)
+    prompt = renderer.render(_state(), candidates=ITEMS[6:7], counts=[300])
+    assert prompt.candidates == (ITEMS[6].item_id,)
+    assert "[popularity 8]" in prompt.messages[1].content
+    assert "Answer Yes or No" in prompt.messages[1].content
+    with pytest.raises(DataError, match="got 2: render one prompt per candidate"):
+        renderer.render(_state(), candidates=ITEMS[6:8], counts=[1, 2])
+
+
 def test_golden_summary() -> None:
     renderer = PromptRenderer(PromptConfig(template="summary"))
     _check_golden("summary", _render_text(renderer.render(_state(recent=ITEMS[:3]))))
@@ -361,7 +373,8 @@ def test_sandbox_blocks_python_internals(tmp_path: Path, expression: str) -> Non
 
 
 def test_unknown_template_lists_the_available_ones() -> None:
-    with pytest.raises(ConfigError, match=r"\['recommend', 'rerank', 'rerank-pop', 'summary'\]"):
+    available = r"\['recommend', 'rerank', 'rerank-pop', 'rerank-yesno', 'summary'\]"
+    with pytest.raises(ConfigError, match=available):
         PromptRenderer(PromptConfig(template="recomend"))
 
 
@@ -384,7 +397,7 @@ def test_packaged_templates_are_found() -> None:
         "recommend.jinja", "rerank.jinja", "summary.jinja", "_summary.jinja"
     }  # fmt: skip
     assert PromptRenderer(PromptConfig()).available() == [
-        "recommend", "rerank", "rerank-pop", "summary"
+        "recommend", "rerank", "rerank-pop", "rerank-yesno", "summary"
     ]  # fmt: skip
 
 
