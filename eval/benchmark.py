@@ -30,6 +30,12 @@ next-title LoRA on a seeded sample:
 
     .venv/bin/python eval/benchmark.py --datasets ml-100k --generate-users 240 --speed-users 1 \
         --methods '^LLM (zero-shot|LoRA-next) \(trie' --out eval/reports/benchmark-trie
+
+Pointwise yes/no scoring (TALLRec; ~1 s per user and method here), zero-shot against the
+adapter trained on yes-no prompts, on sampled candidate lists and on the ensemble's top 20:
+
+    .venv/bin/python eval/benchmark.py --datasets ml-100k --test-users 300 --speed-users 1 \
+        --sampled 19 --methods '^LLM (zero-shot|LoRA-yesno) \(.*yes-no' --out eval/reports/benchmark-yesno
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ ADAPTERS = {
         ("LoRA-next", ROOT / "finetune" / "adapters" / "ml100k-lora-next"),
         ("LoRA-sampled", ROOT / "finetune" / "adapters" / "ml100k-lora-sampled"),
         ("LoRA-pop", ROOT / "finetune" / "adapters" / "ml100k-lora-pop"),
+        ("LoRA-yesno", ROOT / "finetune" / "adapters" / "ml100k-lora-yesno"),
     ]
 }
 """The committed adapters per data set, (kind, folder) (an adapter knows its own catalog's
@@ -94,7 +101,8 @@ titles only). An adapter renders rerank prompts as it was trained, so its candid
 on the generation tasks (``finetune/ml100k-lora-gen.toml``), ``LoRA-next`` on next titles for
 trie decoding (``finetune/ml100k-lora-next.toml``), ``LoRA-sampled`` on sampled candidate lists
 (``--sampled``, ``finetune/ml100k-lora-sampled.toml``), ``LoRA-pop`` on such lists with each
-candidate's popularity in the prompt (``finetune/ml100k-lora-pop.toml``)."""
+candidate's popularity in the prompt (``finetune/ml100k-lora-pop.toml``), ``LoRA-yesno``
+pointwise, one Yes/No prompt per candidate (``finetune/ml100k-lora-yesno.toml``)."""
 KINDS = tuple(dict.fromkeys(kind for folders in ADAPTERS.values() for kind, _ in folders))
 """Adapter kinds (from ``ADAPTERS``, so a new kind gets its paired test against zero-shot): a
 method label names one of them where zero-shot rows say ``zero-shot``."""
@@ -110,6 +118,13 @@ retriever's order and has to judge the items (LLaRA's and TALLRec's candidate li
 POPULARITY = ["prompt.rerank_template=rerank-pop", "prompt.rerank_max_prompt_tokens=640"]
 """Rerank prompts show each candidate's popularity level (``prompts/rerank-pop.jinja``), with
 the token budget ``LoRA-pop`` was trained with (``finetune/ml100k-lora-pop.toml``)."""
+YESNO = [
+    "prompt.rerank_template=rerank-yesno",
+    "prompt.rerank_scoring=yes-no",
+    "prompt.rerank_max_prompt_tokens=250",
+]
+"""Pointwise rerank (TALLRec): one prompt per candidate with its popularity level, scored by
+log P(Yes) - log P(No), with the budget ``LoRA-yesno`` was trained with."""
 LLM_ONLY = "ranking.collab_weight=0"
 """The LLM's order alone (in rerank mode: of the retrieved candidates; no fusion to tune)."""
 
@@ -220,6 +235,17 @@ def methods(name: str) -> dict[str, list[str]]:
             SHUFFLED,
             *POPULARITY,
         ],
+        "LLM zero-shot (ensemble top-20 shuffled + popularity yes-no -> LLM rerank, LLM only)": [
+            *RERANK,
+            SHUFFLED,
+            *YESNO,
+            LLM_ONLY,
+        ],
+        "hybrid zero-shot (ensemble top-20 shuffled + popularity yes-no -> LLM rerank)": [
+            *RERANK,
+            SHUFFLED,
+            *YESNO,
+        ],
     }
     for kind, adapter in ADAPTERS.get(name, []):
         if not (adapter / "adapter_config.json").is_file():
@@ -227,7 +253,9 @@ def methods(name: str) -> dict[str, list[str]]:
         tuned = [f"generation.adapter={adapter}"]
         trained = inference_prompt(adapter)
         if trained.candidate_order == "shuffled":
-            hint = " + popularity" if trained.template == "rerank-pop" else ""
+            hint = {"rerank-pop": " + popularity", "rerank-yesno": " + popularity yes-no"}.get(
+                trained.template, ""
+            )
             rows = f"ensemble top-20 shuffled{hint} -> LLM rerank"
             out[f"LLM {kind} ({rows}, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
             out[f"hybrid {kind} ({rows})"] = [*tuned, *RERANK]
