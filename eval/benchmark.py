@@ -36,6 +36,9 @@ adapter trained on yes-no prompts, on sampled candidate lists and on the ensembl
 
     .venv/bin/python eval/benchmark.py --datasets ml-100k --test-users 300 --speed-users 1 \
         --sampled 19 --methods '^LLM (zero-shot|LoRA-yesno) \(.*yes-no' --out eval/reports/benchmark-yesno
+    .venv/bin/python eval/benchmark.py --datasets ml-100k --test-users 300 --speed-users 1 \
+        --methods '^LLM (zero-shot|LoRA-yesno) \(ensemble top-20 shuffled \+ popularity yes-no' \
+        --out eval/reports/benchmark-yesno-top20
 """
 
 from __future__ import annotations

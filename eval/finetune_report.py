@@ -39,6 +39,7 @@ ADAPTERS = {f"{kind} ({folder.name})": folder for kind, folder in BENCH_ADAPTERS
 kind and folder."""
 ORDERED, SHUFFLED, GENERATE = "benchmark", "benchmark-shuffled", "benchmark-generate"
 VLLM, TRIE, SAMPLED = "benchmark-vllm", "benchmark-trie", "benchmark-sampled"
+YESNO, YESNO_TOP20 = "benchmark-yesno", "benchmark-yesno-top20"
 ROWS = {
     "most-popular": (ORDERED, "most-popular"),
     "SASRec+": (ORDERED, "SASRec+"),
@@ -73,6 +74,15 @@ ROWS = {
         (SAMPLED, "LLM zero-shot (20 sampled shuffled -> LLM rerank, LLM only)"),
     "LoRA-sampled, sampled lists":
         (SAMPLED, "LLM LoRA-sampled (20 sampled shuffled -> LLM rerank, LLM only)"),
+    "zero-shot yes-no, sampled lists":
+        (YESNO, "LLM zero-shot (20 sampled shuffled + popularity yes-no -> LLM rerank, LLM only)"),
+    "LoRA-yesno, sampled lists":
+        (YESNO, "LLM LoRA-yesno (20 sampled shuffled + popularity yes-no -> LLM rerank, LLM only)"),
+    "ensemble, full ranking (yes-no sample)": (YESNO_TOP20, "ensemble"),
+    "zero-shot yes-no, rerank of the top 20 shuffled": (YESNO_TOP20,
+        "LLM zero-shot (ensemble top-20 shuffled + popularity yes-no -> LLM rerank, LLM only)"),
+    "LoRA-yesno, rerank of the top 20 shuffled": (YESNO_TOP20,
+        "LLM LoRA-yesno (ensemble top-20 shuffled + popularity yes-no -> LLM rerank, LLM only)"),
 }  # fmt: skip
 """Report label -> (benchmark ``--out`` under ``eval/reports``, the benchmark's method label).
 The LLM rows are the LLM's own order (no fusion); hybrid rows fuse it with the ensemble
@@ -87,10 +97,15 @@ and the next-title LoRA (``LoRA-next``, ``finetune/ml100k-lora-next.toml``) on t
 The sampled rows are the sampled-candidates protocol of TALLRec and LLaRA (``eval/benchmark.py
 --sampled 19``): every method ranks only the held-out item and 19 uniform draws from the items
 its user never saw, the LLM rows in a seeded random order; ``LoRA-sampled`` is trained on such
-lists (``finetune/ml100k-lora-sampled.toml``). Sampled metrics are not comparable with the
+lists (``finetune/ml100k-lora-sampled.toml``). The yes-no rows are the same protocol scored
+pointwise as TALLRec does (``eval/reports/benchmark-yesno``): one prompt per candidate with its
+training-split popularity level, ranked by log P(Yes) - log P(No); ``LoRA-yesno`` is trained on
+such prompts (``finetune/ml100k-lora-yesno.toml``); the yes-no top-20 rows score the ensemble's
+top 20 the same way, in full ranking (``eval/reports/benchmark-yesno-top20``). Sampled metrics are not comparable with the
 full-ranking rows above them (Krichene & Rendle, 2020)."""
 BENCHMARKS = ("benchmark.md", "benchmark-shuffled.md", "benchmark-generate.md",
-              "benchmark-vllm.md", "benchmark-trie.md", "benchmark-sampled.md")  # fmt: skip
+              "benchmark-vllm.md", "benchmark-trie.md", "benchmark-sampled.md",
+              "benchmark-yesno.md", "benchmark-yesno-top20.md")  # fmt: skip
 """Benchmark reports whose fine-tuned-against-zero-shot sections are quoted."""
 COLUMNS = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 STATS = {"parse_rate": "parse rate", "grounded_rate": "grounded",
@@ -150,12 +165,24 @@ def adapter_table(metas: dict[str, dict]) -> list[str]:
     keys = ("steps", "train_examples", "best_step", "train_seconds", "tokens_per_second",
             "peak_rss_gb")  # fmt: skip
     lines = ["| adapter | " + " | ".join(k.replace("_", " ") for k in keys)
-             + " | best valid NDCG |", "|---|" + "---|" * (len(keys) + 1)]  # fmt: skip
+             + " | best validation |", "|---|" + "---|" * (len(keys) + 1)]  # fmt: skip
     for kind, meta in metas.items():
         s = meta["summary"]
         lines.append(f"| {kind} | " + " | ".join(str(s.get(k, "")) for k in keys)
-                     + f" | {s.get('best_valid', {}).get('ndcg', '')} |")  # fmt: skip
+                     + f" | {validation(s.get('best_valid', {}))} |")  # fmt: skip
     return lines
+
+
+def validation(row: dict) -> str:
+    """A validation row's ranking metric: NDCG over the 20 candidates of a listwise adapter,
+    AUC of Yes over No of a pointwise (yes-no) one."""
+    return (
+        f"NDCG {row['ndcg']:.3f}"
+        if "ndcg" in row
+        else f"AUC {row['auc']:.3f}"
+        if "auc" in row
+        else ""
+    )
 
 
 def samples_curve(metas: dict[str, dict], path: Path) -> list[str]:
@@ -165,7 +192,8 @@ def samples_curve(metas: dict[str, dict], path: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| adapter | examples seen | validation NDCG (20 candidates) |", "|---|---|---|"]
+    lines = ["| adapter | examples seen | validation (NDCG over 20 candidates; AUC of yes-no) |",
+             "|---|---|---|"]  # fmt: skip
     fig, ax = plt.subplots(figsize=(6.5, 4))
     refs: dict[str, float] = {}
     for kind, folder in ADAPTERS.items():
@@ -173,10 +201,12 @@ def samples_curve(metas: dict[str, dict], path: Path) -> list[str]:
             continue
         cfg = metas[kind]["config"]
         per_step = cfg["batch_size"] * cfg["grad_accum"]
-        points = [(row["step"] * per_step, row["ndcg"])
-                  for row in map(json.loads, (folder / "training_log.jsonl").open())
-                  if "ndcg" in row]  # fmt: skip
-        lines += [f"| {kind} | {x} | {y:.3f} |" for x, y in points]
+        rows = [row for row in map(json.loads, (folder / "training_log.jsonl").open())
+                if "ndcg" in row or "auc" in row]  # fmt: skip
+        lines += [f"| {kind} | {row['step'] * per_step} | {validation(row)} |" for row in rows]
+        points = [(row["step"] * per_step, row["ndcg"]) for row in rows if "ndcg" in row]
+        if not points:  # AUC is not on the NDCG scale: table only
+            continue
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=kind)
         rerank = folder / "eval_rerank_valid.json"
         if rerank.is_file():
@@ -257,7 +287,13 @@ def main() -> None:
             "The sampled rows (`eval/reports/benchmark-sampled/`) are TALLRec's and LLaRA's "
             "protocol: every method ranks only the held-out item among 19 items drawn uniformly "
             "from those its user never saw (HR@1 is LLaRA's HitRatio@1; HR@20 is 1 by "
-            "construction); they are not comparable with the full-ranking rows."
+            "construction); they are not comparable with the full-ranking rows. The yes-no "
+            "rows (`eval/reports/benchmark-yesno/`, the same 300 test users and lists) score the "
+            "lists pointwise as TALLRec does: one prompt per candidate with its "
+            "training-split popularity level, ranked by log P(Yes) - log P(No); LoRA-yesno is "
+            "trained on such prompts (`finetune/ml100k-lora-yesno.toml`). The yes-no top-20 rows "
+            "(`eval/reports/benchmark-yesno-top20/`, full ranking, 300 seeded test users) score "
+            "the ensemble's top 20, shuffled, the same way."
         ),
         "",
         *metrics_table(args.reports),
