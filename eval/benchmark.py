@@ -96,6 +96,8 @@ ADAPTERS = {
         ("LoRA-sampled", ROOT / "finetune" / "adapters" / "ml100k-lora-sampled"),
         ("LoRA-pop", ROOT / "finetune" / "adapters" / "ml100k-lora-pop"),
         ("LoRA-yesno", ROOT / "finetune" / "adapters" / "ml100k-lora-yesno"),
+        ("LoRA-yesno-top20", ROOT / "finetune" / "adapters" / "ml100k-lora-yesno-top20"),
+        ("LoRA-yesno-rank", ROOT / "finetune" / "adapters" / "ml100k-lora-yesno-rank"),
     ]
 }
 """The committed adapters per data set, (kind, folder) (an adapter knows its own catalog's
@@ -105,7 +107,11 @@ on the generation tasks (``finetune/ml100k-lora-gen.toml``), ``LoRA-next`` on ne
 trie decoding (``finetune/ml100k-lora-next.toml``), ``LoRA-sampled`` on sampled candidate lists
 (``--sampled``, ``finetune/ml100k-lora-sampled.toml``), ``LoRA-pop`` on such lists with each
 candidate's popularity in the prompt (``finetune/ml100k-lora-pop.toml``), ``LoRA-yesno``
-pointwise, one Yes/No prompt per candidate (``finetune/ml100k-lora-yesno.toml``)."""
+pointwise, one Yes/No prompt per candidate (``finetune/ml100k-lora-yesno.toml``), with a
+uniform unseen item as the No; ``LoRA-yesno-top20`` the same with another of a held-out
+ensemble's top 20 as the No (``finetune/ml100k-lora-yesno-top20.toml``), and
+``LoRA-yesno-rank`` that with the ensemble's rank of the candidate in the prompt
+(``finetune/ml100k-lora-yesno-rank.toml``)."""
 KINDS = tuple(dict.fromkeys(kind for folders in ADAPTERS.values() for kind, _ in folders))
 """Adapter kinds (from ``ADAPTERS``, so a new kind gets its paired test against zero-shot): a
 method label names one of them where zero-shot rows say ``zero-shot``."""
@@ -128,6 +134,18 @@ YESNO = [
 ]
 """Pointwise rerank (TALLRec): one prompt per candidate with its popularity level, scored by
 log P(Yes) - log P(No), with the budget ``LoRA-yesno`` was trained with."""
+YESNO_RANK = [
+    "prompt.rerank_template=rerank-yesno-rank",
+    "prompt.rerank_scoring=yes-no",
+    "prompt.rerank_max_prompt_tokens=250",
+]
+"""``YESNO`` with the retriever's rank of each candidate shown too (``LoRA-yesno-rank``)."""
+HINTS = {
+    "rerank-pop": " + popularity",
+    "rerank-yesno": " + popularity yes-no",
+    "rerank-yesno-rank": " + popularity + rank yes-no",
+}
+"""What a rerank template shows besides the candidates, as method labels say it."""
 LLM_ONLY = "ranking.collab_weight=0"
 """The LLM's order alone (in rerank mode: of the retrieved candidates; no fusion to tune)."""
 
@@ -249,6 +267,13 @@ def methods(name: str) -> dict[str, list[str]]:
             SHUFFLED,
             *YESNO,
         ],
+        "LLM zero-shot (ensemble top-20 shuffled + popularity + rank yes-no -> LLM rerank, "
+        "LLM only)": [*RERANK, SHUFFLED, *YESNO_RANK, LLM_ONLY],
+        "hybrid zero-shot (ensemble top-20 shuffled + popularity + rank yes-no -> LLM rerank)": [
+            *RERANK,
+            SHUFFLED,
+            *YESNO_RANK,
+        ],
     }
     for kind, adapter in ADAPTERS.get(name, []):
         if not (adapter / "adapter_config.json").is_file():
@@ -256,10 +281,7 @@ def methods(name: str) -> dict[str, list[str]]:
         tuned = [f"generation.adapter={adapter}"]
         trained = inference_prompt(adapter)
         if trained.candidate_order == "shuffled":
-            hint = {"rerank-pop": " + popularity", "rerank-yesno": " + popularity yes-no"}.get(
-                trained.template, ""
-            )
-            rows = f"ensemble top-20 shuffled{hint} -> LLM rerank"
+            rows = f"ensemble top-20 shuffled{HINTS.get(trained.template, '')} -> LLM rerank"
             out[f"LLM {kind} ({rows}, LLM only)"] = [*tuned, *RERANK, LLM_ONLY]
             out[f"hybrid {kind} ({rows})"] = [*tuned, *RERANK]
             continue

@@ -539,6 +539,13 @@ class _Builder:
             if candidates
             else [[] for _ in windows]
         )
+        # The retriever's rank of each given candidate (1 = its best), for templates showing it;
+        # sampled negatives have none, and such templates then refuse to render.
+        ranked: list[dict[str, int]] = (
+            [{c: r for r, c in enumerate(cs, start=1)} for cs in candidates]
+            if candidates
+            else [{} for _ in windows]
+        )
         pointwise = task == "rerank" and self.config.prompt.rerank_scoring == "yes-no"
         # What each user has in the training split: never a negative, and left out of the
         # counts the prompt shows (as inference shows them, without this user's own choice).
@@ -564,8 +571,9 @@ class _Builder:
                     answer = "Yes" if c == item.item_id else "No"
                     count = self.counts[self.catalog.position(c)] - (c in own)
                     prompt = renderer.render(
-                        state, candidates=[self.catalog[c]], counts=[count], answer=answer
-                    )
+                        state, candidates=[self.catalog[c]], counts=[count],
+                        ranks=[ranked[slot][c]] if ranked[slot] else None, answer=answer,
+                    )  # fmt: skip
                     out += self._encoded(task, prompt, answer, item, t, history, index_only=False)
                 continue
             shown: list[Item] = []
@@ -583,11 +591,14 @@ class _Builder:
                 shown = [self.catalog[c] for c in cands[slot]] if task == "rerank" else [item]
                 index = 1 + [c.item_id for c in shown].index(item.item_id)
                 answer = _indexed_answer(index, item, explain_item(item, state), cap)
-            counts = None
+            counts = ranks = None
             if task == "rerank":
                 counts = [self.counts[self.catalog.position(i.item_id)] - (i.item_id in own)
                           for i in shown]  # fmt: skip
-            prompt = renderer.render(state, candidates=shown, counts=counts, answer=answer)
+                ranks = [ranked[slot][i.item_id] for i in shown] if ranked[slot] else None
+            prompt = renderer.render(
+                state, candidates=shown, counts=counts, ranks=ranks, answer=answer
+            )
             index_only = task == "rerank" and self.config.rerank_loss == "index"
             out += self._encoded(task, prompt, answer, item, t, history, index_only=index_only)
         return out

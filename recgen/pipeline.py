@@ -363,25 +363,28 @@ class Recommender:
         assert self.scorer is not None  # checked in __init__
         collab_scores = self.scorer.score([ex.history for ex in examples])
         order = self.renderer.config.candidate_order
-        retrieved = [
-            ranking.prompt_order(
-                [
-                    item_id
-                    for item_id, _ in ranking.top_n(
-                        collab_scores[j],
-                        catalog=self.catalog,
-                        exclude=set(ex.history.item_ids),
-                        candidates=ex.candidates,
-                        n=self.config.ranking.retrieve,
-                    )
-                ],
-                order,
-                seed=self.config.seed,
-                user_id=ex.history.user_id,
-                history_length=len(ex.history),
-            )
+        tops = [
+            [
+                item_id
+                for item_id, _ in ranking.top_n(
+                    collab_scores[j],
+                    catalog=self.catalog,
+                    exclude=set(ex.history.item_ids),
+                    candidates=ex.candidates,
+                    n=self.config.ranking.retrieve,
+                )
+            ]
             for j, ex in enumerate(examples)
         ]
+        retrieved = [
+            ranking.prompt_order(
+                top, order, seed=self.config.seed, user_id=ex.history.user_id,
+                history_length=len(ex.history),
+            )
+            for top, ex in zip(tops, examples, strict=True)
+        ]  # fmt: skip
+        # The retriever's rank of each candidate (1 = its best), for templates that show it.
+        ranks = [{c: r for r, c in enumerate(top, start=1)} for top in tops]
         states = [self._state(ex.history) for ex in examples]
         render = self.renderer.render
 
@@ -396,8 +399,11 @@ class Recommender:
                     "use generation.backend='transformers' or prompt.rerank_scoring='list'"
                 )
             asked = [
-                [render(s, candidates=[self.catalog[c]], counts=[count(c)]) for c in cands]
-                for s, cands in zip(states, retrieved, strict=True)
+                [
+                    render(s, candidates=[self.catalog[c]], counts=[count(c)], ranks=[rank[c]])
+                    for c in cands
+                ]
+                for s, cands, rank in zip(states, retrieved, ranks, strict=True)
             ]
             flat = self.generator.score_yes_no([p for ps in asked for p in ps])  # type: ignore[attr-defined]
             bounds = np.cumsum([0, *(len(ps) for ps in asked)])
@@ -406,10 +412,11 @@ class Recommender:
         else:
             prompts = [
                 render(
-                    s, candidates=[self.catalog[c] for c in cands], counts=[count(c) for c in cands]
+                    s, candidates=[self.catalog[c] for c in cands],
+                    counts=[count(c) for c in cands], ranks=[rank[c] for c in cands],
                 )
-                for s, cands in zip(states, retrieved, strict=True)
-            ]
+                for s, cands, rank in zip(states, retrieved, ranks, strict=True)
+            ]  # fmt: skip
             logits = self.generator.score_candidates(prompts)  # type: ignore[attr-defined]
         out = []
         for j, ex in enumerate(examples):

@@ -172,13 +172,15 @@ def default_prompts_dir() -> Path:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _ItemView:
-    """An item as templates see it: cleaned title, a short note (``liked``), its labels and, for
-    candidates given counts, a ``popularity`` level (:func:`popularity_level`; else None)."""
+    """An item as templates see it: cleaned title, a short note (``liked``), its labels, for
+    candidates given counts a ``popularity`` level (:func:`popularity_level`; else None), and
+    for candidates given ranks the retriever's ``rank`` of it (1 = its best; else None)."""
 
     title: str
     note: str = ""
     labels: tuple[str, ...] = ()
     popularity: int | None = None
+    rank: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -238,6 +240,11 @@ class PromptRenderer:
             ".popularity" in source for source in self._sources(f"{config.template}.jinja").values()
         )
         """Whether the template shows candidates' popularity (then ``render`` requires counts)."""
+        self.shows_rank = any(
+            ".rank" in source for source in self._sources(f"{config.template}.jinja").values()
+        )
+        """Whether the template shows the retriever's rank of each candidate (then ``render``
+        requires ranks)."""
         self.template_hash = self._hash(f"{config.template}.jinja")
         self.n_over_budget = 0
         """Prompts rendered over the budget (at the minimum history) so far."""
@@ -257,6 +264,7 @@ class PromptRenderer:
         *,
         candidates: Sequence[Item] = (),
         counts: Sequence[float] | None = None,
+        ranks: Sequence[int] | None = None,
         answer: str | None = None,
     ) -> Prompt:
         """Render one prompt, cutting the oldest recent items until it fits the token budget.
@@ -267,6 +275,9 @@ class PromptRenderer:
             counts: Per candidate, its training interaction count, shown as
                 ``item.popularity`` (:func:`popularity_level`) to templates that use it
                 (``rerank-pop``); those need it.
+            ranks: Per candidate, its rank in the retriever's list (1 = the retriever's best),
+                shown as ``item.rank`` to templates that use it (``rerank-yesno-rank``); those
+                need it.
             answer: The target completion, for fine-tuning examples.
 
         Returns:
@@ -275,8 +286,8 @@ class PromptRenderer:
 
         Raises:
             ConfigError: if the template fails (an undefined variable, a sandbox violation).
-            DataError: if the template lists candidates and none were given, or ``counts`` do
-                not pair with them. Candidates given to a template that does not show them are
+            DataError: if the template lists candidates and none were given, or ``counts`` or
+                ``ranks`` do not pair with them. Candidates given to a template that does not show them are
                 ignored (not recorded as offered).
         """
         if self.lists_candidates and not candidates:
@@ -296,11 +307,21 @@ class PromptRenderer:
                 f"(prompt.rerank_scoring='yes-no'), got {len(candidates)}: render one prompt "
                 "per candidate"
             )
-        if counts is not None and len(counts) != len(candidates):
+        if self.shows_rank and candidates and ranks is None:
             raise DataError(
-                f"counts has {len(counts)} entries for {len(candidates)} candidates: pass one "
-                "training interaction count per candidate, in the same order"
+                f"template {self.template!r} shows the retriever's rank of each candidate: pass "
+                "ranks=[...] (1 = the retriever's best, one per candidate), i.e. rerank retrieved "
+                "candidates (ranking.mode='rerank'; for training, negatives='retrieved')"
             )
+        for name, values, what in (
+            ("counts", counts, "training interaction count"),
+            ("ranks", ranks, "retriever rank"),
+        ):
+            if values is not None and len(values) != len(candidates):
+                raise DataError(
+                    f"{name} has {len(values)} entries for {len(candidates)} candidates: pass "
+                    f"one {what} per candidate, in the same order"
+                )
         if not self.lists_candidates:
             candidates = ()  # not shown, so not recorded as offered
         cap = self.config.max_title_chars
@@ -309,6 +330,7 @@ class PromptRenderer:
                 title=clean_text(item.title, cap),
                 labels=tuple(clean_text(label, cap) for label in item.labels),
                 popularity=None if counts is None else popularity_level(counts[j]),
+                rank=None if ranks is None else int(ranks[j]),
             )
             for j, item in enumerate(candidates)
         )

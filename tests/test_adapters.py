@@ -30,7 +30,7 @@ from recgen.adapters import (
     write_adapter_meta,
 )
 from recgen.config import DataConfig, InterestConfig, PromptConfig, load_config
-from recgen.errors import ConfigError, IndexMismatchError
+from recgen.errors import ConfigError, DataError, IndexMismatchError
 from recgen.interests import build_interest_state, item_labels
 from recgen.prompting import PromptRenderer
 from recgen.training import selection_value, train_adapter
@@ -314,6 +314,32 @@ def test_yes_no_examples_ask_about_the_target_and_one_unseen_negative(
     yes = Counter((r["user_id"], r["target"], r["position"]) for r in train if r["answer"] == "Yes")
     no = Counter((r["user_id"], r["target"], r["position"]) for r in train if r["answer"] == "No")
     assert yes == no
+
+
+def test_yes_no_rank_examples_show_the_held_out_retrievers_rank(tiny: tuple[Any, Any]) -> None:
+    from recgen import ranking
+    from recgen.adapter_data import _held_out_split, _retriever
+
+    dataset, split = tiny
+    only_rerank = {"rerank": 1, "next": 0, "explain": 0, "summary": 0}
+    prompt = {**TINY["prompt"], "rerank_template": "rerank-yesno-rank", "rerank_scoring": "yes-no",
+              "candidate_order": "shuffled"}  # fmt: skip
+    train, valid, _ = _build(
+        tiny, negatives="retrieved", holdout=3, tasks=only_rerank, prompt=prompt
+    )
+    retriever = _retriever(_held_out_split(split, 3), dataset.catalog)
+    assert {r["answer"] for r in train} == {"Yes", "No"}
+    for row in train:  # the rank is the candidate's place in the held-out retriever's top 4
+        prefix = split.train[row["user_id"]].head(row["position"])
+        top = [i for i, _ in ranking.top_n(retriever.score([prefix])[0], catalog=dataset.catalog,
+                                            exclude=set(prefix.item_ids), n=4)]  # fmt: skip
+        (candidate,) = row["candidates"]
+        assert (candidate == row["target"]) == (row["answer"] == "Yes")
+        assert f"[filter rank {top.index(candidate) + 1}]\n" in row["messages"][1]["content"]
+    assert valid
+    # Sampled negatives have no retriever rank: the template cannot be rendered for them.
+    with pytest.raises(DataError, match="pass ranks="):
+        _build(tiny, negatives="uniform", tasks=only_rerank, prompt=prompt)
 
 
 def test_an_adapter_brings_its_rerank_template(tmp_path: Path) -> None:

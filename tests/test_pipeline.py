@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recgen import ranking
 from recgen.adapters import inference_prompt
 from recgen.collab import PopularityScorer
 from recgen.config import RecommenderConfig, load_config
@@ -230,6 +231,22 @@ def test_yes_no_rerank_asks_once_per_candidate_and_ranks_by_the_answers() -> Non
     assert trace.candidate_logits == tuple(float(c) for c in trace.retrieved)
     ranked = [r.item_id for r in trace.recommendations]
     assert ranked == sorted(trace.retrieved, key=float, reverse=True)
+
+
+def test_rank_hint_prompts_show_the_retrievers_order_whatever_the_listed_order() -> None:
+    rank_hint = ["prompt.rerank_template=rerank-yesno-rank", "prompt.rerank_scoring=yes-no",
+                 "prompt.candidate_order=shuffled"]  # fmt: skip
+    rec = _reranker(10.0, True, *rank_hint, "ranking.collab_weight=0")
+    rec.generator = FakeGenerator(candidate_scores=lambda p: [0.0])
+    history = ["1", "2"]
+    trace = rec.trace_batch([history], n=4)[0]
+    assert rec.scorer is not None
+    scores = rec.scorer.score([trace.history])[0]
+    top = [i for i, _ in ranking.top_n(scores, catalog=rec.catalog, exclude={"1", "2"}, n=4)]
+    assert sorted(trace.retrieved) == sorted(top)
+    for prompt in rec.generator.calls:
+        (candidate,) = prompt.candidates
+        assert f"[filter rank {top.index(candidate) + 1}]\n" in prompt.messages[1].content
 
 
 def test_yes_no_rerank_refuses_a_backend_without_yes_no_scores() -> None:

@@ -160,6 +160,27 @@ def test_rerank_yesno_asks_about_one_candidate_with_its_popularity() -> None:
         renderer.render(_state(), candidates=ITEMS[6:8], counts=[1, 2])
 
 
+def test_rerank_yesno_rank_shows_the_retrievers_rank_and_needs_one_per_candidate() -> None:
+    config = PromptConfig(template="rerank-yesno-rank", rerank_template="rerank-yesno-rank",
+                          rerank_scoring="yes-no")  # fmt: skip
+    renderer = PromptRenderer(config)
+    assert renderer.shows_rank
+    assert renderer.shows_popularity
+    assert not PromptRenderer(PromptConfig(template="rerank-yesno")).shows_rank
+    prompt = renderer.render(_state(), candidates=ITEMS[6:7], counts=[300], ranks=[7])
+    assert "[popularity 8] [filter rank 7]\n" in prompt.messages[1].content
+    # The summary and question are rerank-yesno's: only the hint differs.
+    plain = PromptRenderer(
+        config.model_copy(update={"template": "rerank-yesno", "rerank_template": "rerank-yesno"})
+    )
+    base = plain.render(_state(), candidates=ITEMS[6:7], counts=[300]).messages[1].content
+    assert prompt.messages[1].content.replace(" [filter rank 7]", "") == base
+    with pytest.raises(DataError, match=r"pass ranks=.*negatives='retrieved'"):
+        renderer.render(_state(), candidates=ITEMS[6:7], counts=[300])
+    with pytest.raises(DataError, match="ranks has 2 entries for 1 candidates"):
+        renderer.render(_state(), candidates=ITEMS[6:7], counts=[300], ranks=[1, 2])
+
+
 def test_golden_summary() -> None:
     renderer = PromptRenderer(PromptConfig(template="summary"))
     _check_golden("summary", _render_text(renderer.render(_state(recent=ITEMS[:3]))))
@@ -373,7 +394,7 @@ def test_sandbox_blocks_python_internals(tmp_path: Path, expression: str) -> Non
 
 
 def test_unknown_template_lists_the_available_ones() -> None:
-    available = r"\['recommend', 'rerank', 'rerank-pop', 'rerank-yesno', 'summary'\]"
+    available = r"\['recommend', 'rerank', 'rerank-pop', 'rerank-yesno', 'rerank-yesno-rank', 'summary'\]"
     with pytest.raises(ConfigError, match=available):
         PromptRenderer(PromptConfig(template="recomend"))
 
@@ -397,7 +418,7 @@ def test_packaged_templates_are_found() -> None:
         "recommend.jinja", "rerank.jinja", "summary.jinja", "_summary.jinja"
     }  # fmt: skip
     assert PromptRenderer(PromptConfig()).available() == [
-        "recommend", "rerank", "rerank-pop", "rerank-yesno", "summary"
+        "recommend", "rerank", "rerank-pop", "rerank-yesno", "rerank-yesno-rank", "summary"
     ]  # fmt: skip
 
 
