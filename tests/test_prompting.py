@@ -394,7 +394,9 @@ def test_sandbox_blocks_python_internals(tmp_path: Path, expression: str) -> Non
 
 
 def test_unknown_template_lists_the_available_ones() -> None:
-    available = r"\['recommend', 'rerank', 'rerank-pop', 'rerank-yesno', 'rerank-yesno-rank', 'summary'\]"
+    available = (
+        r"\['recommend', 'rerank', 'rerank-pop', 'rerank-yesno', 'rerank-yesno-rank', 'summary'\]"
+    )
     with pytest.raises(ConfigError, match=available):
         PromptRenderer(PromptConfig(template="recomend"))
 
