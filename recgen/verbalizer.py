@@ -48,15 +48,23 @@ def candidate_scores(
 def yes_no_scores(
     model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, batch_size: int = 8
 ) -> list[float]:
-    """``log P(Yes) - log P(No)`` of the answer's first token, one forward pass per batch
-    (pointwise reranking, TALLRec; ``prompt.rerank_scoring = "yes-no"``).
+    """``log P(Yes) - log P(No)`` of the answer's first token (pointwise reranking, TALLRec;
+    ``prompt.rerank_scoring = "yes-no"``).
+
+    The prompts of one user differ only in their candidate line, so consecutive prompts with
+    the same ``user_id`` share one forward pass over their common token prefix (the
+    instruction and interest summary, ~85% of a prompt); only each prompt's remaining tokens
+    run per prompt, on a copy of the prefix's KV cache. The scores are those of a full forward
+    pass per prompt (to float rounding). Prefix-tuning models, whose virtual tokens take the
+    cache's place, run every prompt in full.
 
     Args:
         model: A causal LM (base, peft or merged), in eval mode.
         tokenizer: Its tokenizer (with the chat template); ``Yes`` and ``No`` are read as the
             first token of each word.
         prompts: Rendered prompts that ask a yes-or-no question.
-        batch_size: Prompts per forward pass.
+        batch_size: Prompts per forward pass where prompts share no prefix (one user's prompts
+            share one pass, at most ``_MAX_SHARED`` of them).
 
     Returns:
         One score per prompt, higher for Yes.
@@ -64,16 +72,78 @@ def yes_no_scores(
     import torch
 
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    rows = tokenizer(_chats(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", 0)
     out: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        rows = tokenizer(_chats(tokenizer, batch), add_special_tokens=False)["input_ids"]
-        ids, mask, pos = _left_pad(rows, tokenizer.pad_token_id)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-        logp = torch.log_softmax(logits.float(), -1)
-        out.extend(float(x) for x in logp[:, yes] - logp[:, no])
+    with torch.inference_mode():
+        for group in _groups(prompts, rows, batch_size, shared=not prompt_learning):
+            batch = [rows[i] for i in group]
+            shared = _common_prefix(batch) if len(batch) > 1 and not prompt_learning else 0
+            if shared >= _MIN_SHARED:
+                logits = _last_logits_shared(model, batch, shared, tokenizer.pad_token_id)
+            else:
+                ids, mask, pos = _left_pad(batch, tokenizer.pad_token_id)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               logits_to_keep=1).logits[:, -1]  # fmt: skip
+            logp = torch.log_softmax(logits.float(), -1)
+            out.extend(float(x) for x in logp[:, yes] - logp[:, no])
     return out
+
+
+_MIN_SHARED = 16
+"""Shortest common prefix (tokens) worth a pass of its own."""
+_MAX_SHARED = 64
+"""Most prompts scored on one shared prefix (their remaining tokens run as one batch)."""
+
+
+def _groups(
+    prompts: Sequence[Prompt], rows: Sequence[Sequence[int]], batch_size: int, *, shared: bool
+) -> list[list[int]]:
+    """Index groups scored together: runs of consecutive prompts of one user (``shared``), else
+    plain batches of ``batch_size``."""
+    groups: list[list[int]] = []
+    for i in range(len(rows)):
+        last = groups[-1] if groups else None
+        same = last is not None and prompts[last[0]].user_id == prompts[i].user_id
+        limit = _MAX_SHARED if shared and same else batch_size
+        if last is not None and len(last) < limit and (same or not shared):
+            last.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (the
+    position whose logits are read)."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for k in range(n):
+        if any(r[k] != first[k] for r in rows[1:]):
+            return k
+    return n
+
+
+def _cache_key(out: Any) -> str:
+    """The forward output's (and argument's) name for the KV cache (renamed in transformers
+    5.2x)."""
+    return "cache" if hasattr(out, "cache") else "past_key_values"
+
+
+def _last_logits_shared(model: Any, rows: Sequence[Sequence[int]], shared: int, pad: int) -> Any:
+    """Last-position logits (B, V) of ``rows``, whose first ``shared`` tokens are the same:
+    one pass over them, then the rows' remaining tokens (left-padded) on copies of its cache."""
+    import torch
+
+    out = model(input_ids=torch.tensor([list(rows[0][:shared])]), use_cache=True,
+                logits_to_keep=1)  # fmt: skip
+    key = _cache_key(out)
+    cache = getattr(out, key)
+    cache.batch_repeat_interleave(len(rows))
+    ids, mask, pos = _left_pad([r[shared:] for r in rows], pad)
+    full = torch.cat([torch.ones(len(rows), shared, dtype=mask.dtype), mask], 1)
+    rest = model(input_ids=ids, attention_mask=full, position_ids=pos + shared,
+                 logits_to_keep=1, **{key: cache})  # fmt: skip
+    return rest.logits[:, -1]
 
 
 def _chats(tokenizer: Any, prompts: Sequence[Prompt]) -> list[str]:
@@ -145,7 +215,7 @@ def _score_cached(
     if not leads:
         return first, None
     n, size = len(rows), len(leads)
-    key = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.2x
+    key = _cache_key(out)
     cache = getattr(out, key)
     cache.batch_repeat_interleave(size)
     step = torch.tensor([[digit[d]] for _ in range(n) for d in leads])

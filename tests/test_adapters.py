@@ -619,6 +619,44 @@ def test_candidate_scores_match_teacher_forcing(tiny: tuple[Any, Any]) -> None:
 
 
 @pytest.mark.model
+def test_yes_no_scores_with_a_shared_prefix_equal_full_passes(tiny: tuple[Any, Any]) -> None:
+    import torch
+
+    from recgen import verbalizer
+    from recgen.adapters import load_base
+    from recgen.config import PromptConfig
+    from recgen.prompting import PromptRenderer
+
+    dataset, split = tiny
+    tokenizer, model = load_base("embedded", dtype="float32")
+    model.eval()
+    renderer = PromptRenderer(PromptConfig(template="rerank-yesno", rerank_template="rerank-yesno",
+                                           rerank_scoring="yes-no"))  # fmt: skip
+    items = list(dataset.catalog)
+    prompts = [  # two users' prompts, one per candidate, as the pipeline sends them
+        renderer.render(
+            build_interest_state(split.train[user], dataset.catalog, InterestConfig()),
+            candidates=[item],
+            counts=[count],
+        )
+        for user in ("alice", "bob")
+        for item, count in zip(items[:5], (0, 3, 40, 7, 300), strict=True)
+    ]
+    rows = tokenizer(verbalizer._chats(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    assert verbalizer._groups(prompts, rows, 2, shared=True) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert verbalizer._common_prefix(rows[:5]) >= 0.6 * len(rows[0])  # the summary is shared
+    yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    want = []
+    for row in rows:
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([row])).logits[0, -1].float(), -1)
+        want.append(float(logp[yes] - logp[no]))
+    got = verbalizer.yes_no_scores(model, tokenizer, prompts, batch_size=2)
+    assert got == pytest.approx(want, abs=2e-3)
+    assert len({round(x, 3) for x in want}) > 1  # the candidates' scores differ
+
+
+@pytest.mark.model
 def test_prefix_tuning_trains_and_scores(tiny: tuple[Any, Any], tmp_path: Path) -> None:
     summary = _train(
         tiny, tmp_path / "prefix", method="prefix", lora={}, max_steps=2, eval_every=2,
