@@ -46,8 +46,9 @@ def candidate_scores(
 
 
 def yes_no_scores(
-    model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, batch_size: int = 8
-) -> list[float]:
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, batch_size: int = 8,
+    share_prefix: bool = True,
+) -> list[float]:  # fmt: skip
     """``log P(Yes) - log P(No)`` of the answer's first token (pointwise reranking, TALLRec;
     ``prompt.rerank_scoring = "yes-no"``).
 
@@ -65,6 +66,8 @@ def yes_no_scores(
         prompts: Rendered prompts that ask a yes-or-no question.
         batch_size: Prompts per forward pass where prompts share no prefix (one user's prompts
             share one pass, at most ``_MAX_SHARED`` of them).
+        share_prefix: Run common prefixes once (``False``: a full pass per prompt, batched;
+            for comparisons, ``eval/bench_yesno.py``).
 
     Returns:
         One score per prompt, higher for Yes.
@@ -74,11 +77,12 @@ def yes_no_scores(
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
     rows = tokenizer(_chats(tokenizer, prompts), add_special_tokens=False)["input_ids"]
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", 0)
+    share = share_prefix and not prompt_learning
     out: list[float] = []
     with torch.inference_mode():
-        for group in _groups(prompts, rows, batch_size, shared=not prompt_learning):
+        for group in _groups(prompts, rows, batch_size, shared=share):
             batch = [rows[i] for i in group]
-            shared = _common_prefix(batch) if len(batch) > 1 and not prompt_learning else 0
+            shared = _common_prefix(batch) if len(batch) > 1 and share else 0
             if shared >= _MIN_SHARED:
                 logits = _last_logits_shared(model, batch, shared, tokenizer.pad_token_id)
             else:

@@ -653,6 +653,8 @@ def test_yes_no_scores_with_a_shared_prefix_equal_full_passes(tiny: tuple[Any, A
         want.append(float(logp[yes] - logp[no]))
     got = verbalizer.yes_no_scores(model, tokenizer, prompts, batch_size=2)
     assert got == pytest.approx(want, abs=2e-3)
+    full = verbalizer.yes_no_scores(model, tokenizer, prompts, batch_size=2, share_prefix=False)
+    assert full == pytest.approx(want, abs=2e-3)
     assert len({round(x, 3) for x in want}) > 1  # the candidates' scores differ
 
 
