@@ -9,13 +9,20 @@ order, for the users whose validation target SASRec retrieves (what a reranker c
 template exactly as in training. Every candidate is scored from one forward pass (``recgen.verbalizer``); the table
 compares the base model, the adapter, SASRec's own order of the same candidates and chance, by
 HR@1, HR@5 and NDCG over the candidate list. Validation targets are never trained on.
+
+A pointwise adapter (``prompt.rerank_scoring = "yes-no"``) is scored on its validation pairs
+(the target, answered Yes, and one negative, No) by AUC of log P(Yes) - log P(No), beside the
+AUC of each collaborative hint its prompts show, read alone (the popularity level, and the
+retriever's rank with ``rerank-yesno-rank``): how much there was to learn from them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +64,8 @@ def main() -> None:
                            real_time=dataset.has_timestamps)  # fmt: skip
     prompts = [row_prompt(r) for r in rows]
     targets = [r["target_index"] for r in rows]
+    if config.prompt.rerank_scoring == "yes-no":
+        return pointwise(args, config, base, tokenizer, rows, prompts)
 
     # 3. scores: base, adapter, SASRec's order of the same candidates, chance
     def metrics(scores: list[list[float]], targets: list[int]) -> dict[str, float]:
@@ -90,6 +99,46 @@ def main() -> None:
         args.out.write_text(
             json.dumps({"users": len(rows), "order": order, "table": table}, indent=2)
         )
+
+
+HINTS = {
+    "popularity level alone": (re.compile(r"\[popularity (\d+)\]"), 1.0),
+    "retriever rank alone": (re.compile(r"\[filter rank (\d+)\]"), -1.0),
+}
+"""A hint as the prompt shows it -> (pattern, sign of its score: a better rank is smaller)."""
+
+
+def pointwise(
+    args: argparse.Namespace, config: Any, base: Any, tokenizer: Any, rows: list[dict],
+    prompts: list[Any],
+) -> None:  # fmt: skip
+    """AUC over the validation pairs: base model, adapter, each shown hint alone, chance."""
+    from peft import PeftModel
+
+    from recgen.metrics import auc
+    from recgen.verbalizer import yes_no_scores
+
+    positive = [r["answer"] == "Yes" for r in rows]
+    table = {"base model (zero-shot)": yes_no_scores(base.eval(), tokenizer, prompts)}
+    tuned = PeftModel.from_pretrained(base, str(args.adapter)).eval()
+    table["adapter"] = yes_no_scores(tuned, tokenizer, prompts)
+    texts = [r["messages"][-1]["content"] for r in rows]
+    for name, (pattern, sign) in HINTS.items():
+        found = [pattern.search(t) for t in texts]
+        if all(found):
+            table[name] = [sign * float(m.group(1)) for m in found if m]
+    table["chance"] = np.random.default_rng(0).random(len(rows)).tolist()
+    aucs = {name: round(auc(scores, positive), 4) for name, scores in table.items()}
+    print(f"{sum(positive)} validation pairs (the target and one negative), "
+          f"{config.prompt.rerank_template} prompts")  # fmt: skip
+    print("| method | AUC |\n|---|---|")
+    for name, value in aucs.items():
+        print(f"| {name} | {value:.3f} |")
+    if args.out:
+        args.out.write_text(
+            json.dumps({"pairs": sum(positive), "template": config.prompt.rerank_template,
+                        "table": {k: {"AUC": v} for k, v in aucs.items()}}, indent=2)
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
