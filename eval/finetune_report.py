@@ -144,7 +144,8 @@ def metrics_table(reports: Path) -> list[str]:
 
 
 def paired_sections(reports: Path) -> list[str]:
-    """The "Fine-tuned against zero-shot" sections of the benchmark reports, as written."""
+    """The sections of the benchmark reports that test a fine-tuned row against zero-shot (its
+    twin on the same prompts, or the best zero-shot row of the run), as written."""
     lines: list[str] = []
     for name in BENCHMARKS:
         path = reports / name
@@ -154,10 +155,13 @@ def paired_sections(reports: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
         for part in text.split("\n### ")[1:]:
             title, _, body = part.partition("\n")
-            if title.startswith("Fine-tuned against zero-shot: "):
-                table = body.strip().split("\n\n")[0]
-                pair = title.removeprefix("Fine-tuned against zero-shot: ")
-                lines += [f"**{pair}** (`{name}`)", "", table, ""]
+            for prefix, against in (("Fine-tuned against zero-shot: ", ""),
+                                    ("Fine-tuned against the best zero-shot row: ",
+                                     ", against the run's best zero-shot row")):  # fmt: skip
+                if title.startswith(prefix):
+                    table = body.strip().split("\n\n")[0]
+                    pair = title.removeprefix(prefix)
+                    lines += [f"**{pair}** (`{name}`{against})", "", table, ""]
     return lines
 
 
@@ -229,6 +233,22 @@ def samples_curve(metas: dict[str, dict], path: Path) -> list[str]:
     if refs:
         lines += ["", "Same validation lists: " + ", ".join(f"{k} {v:.3f}" for k, v in refs.items())
                   + " (`eval_rerank_valid.json`)."]  # fmt: skip
+    return lines
+
+
+def pointwise_table() -> list[str]:
+    """Yes-no adapters on their validation pairs (``finetune/eval_rerank.py``): AUC of the base
+    model, the adapter and each collaborative hint its prompts show, read alone."""
+    found = {kind: json.loads((folder / "eval_rerank_valid.json").read_text())
+             for kind, folder in ADAPTERS.items() if (folder / "eval_rerank_valid.json").is_file()}  # fmt: skip
+    found = {kind: result for kind, result in found.items() if "pairs" in result}
+    names = list(dict.fromkeys(name for r in found.values() for name in r["table"]))
+    names = [n for n in names if n != "chance"] + ["chance"] * ("chance" in names)
+    lines = ["| adapter | pairs | template | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]  # fmt: skip
+    for kind, r in found.items():
+        cells = [f"{r['table'][n]['AUC']:.3f}" if n in r["table"] else "" for n in names]
+        lines.append(f"| {kind} | {r['pairs']} | {r['template']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -304,6 +324,12 @@ def main() -> None:
         "## Training: time and memory (2 CPU cores)", "", *adapter_table(metas), "",
         "## Quality against training samples", "", *samples_curve(metas, png), "",
         f"![validation NDCG against examples seen]({png.name})", "",
+        "## Pointwise (yes-no) adapters on their validation pairs", "",
+        ("AUC of log P(Yes) - log P(No) over each adapter's validation pairs (the validation "
+         "target, answered Yes, and one negative built as in its training), beside each "
+         "collaborative hint its prompts show, read alone: `finetune/eval_rerank.py ADAPTER "
+         "--users 400 --out ADAPTER/eval_rerank_valid.json`."), "",
+        *pointwise_table(), "",
         "## Explanation checks (validation users)", "", *explain_table(),
     ]  # fmt: skip
     path = args.out.with_suffix(".md")
