@@ -52,10 +52,11 @@ def yes_no_scores(
     """``log P(Yes) - log P(No)`` of the answer's first token (pointwise reranking, TALLRec;
     ``prompt.rerank_scoring = "yes-no"``).
 
-    The prompts of one user differ only in their candidate line, so consecutive prompts with
-    the same ``user_id`` share one forward pass over their common token prefix (the
-    instruction and interest summary, ~85% of a prompt); only each prompt's remaining tokens
-    run per prompt, on a copy of the prefix's KV cache. The scores are those of a full forward
+    The prompts of one user differ only in their candidate line (and in how many recent items
+    the token budget keeps beside it), so consecutive prompts with the same ``user_id`` share
+    one forward pass over their common token prefix (about half of each yes-no prompt,
+    ``eval/reports/bench-yesno.md``); only each prompt's remaining tokens run per prompt, on a
+    copy of the prefix's KV cache. The scores are those of a full forward
     pass per prompt (to float rounding). Prefix-tuning models, whose virtual tokens take the
     cache's place, run every prompt in full.
 
