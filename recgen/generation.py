@@ -21,7 +21,7 @@ from recgen._openai import OpenAIGenerator, distinct_texts
 from recgen.config import GenerationConfig, cache_dir
 from recgen.errors import ConfigError
 from recgen.types import Generation, Prompt
-from recgen.verbalizer import candidate_scores, yes_no_scores
+from recgen.verbalizer import candidate_scores, is_prompt_learning, yes_no_scores
 
 if TYPE_CHECKING:
     from recgen.constrained import AnswerTitles, TitleTrie
@@ -361,7 +361,7 @@ class TransformersGenerator:
         return out
 
     def _batch_size(self) -> int:
-        if getattr(getattr(self.model, "active_peft_config", None), "is_prompt_learning", False):
+        if is_prompt_learning(self.model):
             # Batched, left-padded generation with prefix-tuning's virtual tokens gives other
             # greedy outputs than one prompt at a time (seen with peft 0.21 / transformers 5.23),
             # so prefix adapters generate prompt by prompt: slower, but the output is right.

@@ -16,7 +16,7 @@ from typing import Any
 
 from recgen.types import Prompt
 
-__all__ = ["candidate_scores", "yes_no_scores"]
+__all__ = ["candidate_scores", "is_prompt_learning", "yes_no_scores"]
 
 
 def candidate_scores(
@@ -56,8 +56,8 @@ def yes_no_scores(
     the token budget keeps beside it), so consecutive prompts with the same ``user_id`` share
     one forward pass over their common token prefix (about half of each yes-no prompt,
     ``eval/reports/bench-yesno.md``); only each prompt's remaining tokens run per prompt, on a
-    copy of the prefix's KV cache. The scores are those of a full forward
-    pass per prompt (to float rounding). Prefix-tuning models, whose virtual tokens take the
+    copy of the prefix's KV cache. The scores are those of a full forward pass per prompt (to
+    float rounding). Prefix-tuning models, whose virtual tokens take the
     cache's place, run every prompt in full.
 
     Args:
@@ -77,11 +77,10 @@ def yes_no_scores(
 
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
     rows = tokenizer(_chats(tokenizer, prompts), add_special_tokens=False)["input_ids"]
-    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", 0)
-    share = share_prefix and not prompt_learning
+    share = share_prefix and not is_prompt_learning(model)
     out: list[float] = []
     with torch.inference_mode():
-        for group in _groups(prompts, rows, batch_size, shared=share):
+        for group in _groups(prompts, batch_size, shared=share):
             batch = [rows[i] for i in group]
             shared = _common_prefix(batch) if len(batch) > 1 and share else 0
             if shared >= _MIN_SHARED:
@@ -95,19 +94,24 @@ def yes_no_scores(
     return out
 
 
+def is_prompt_learning(model: Any) -> bool:
+    """Whether ``model`` runs a prompt-learning adapter (prefix-tuning): its virtual tokens take
+    the KV cache's place, so it can take no cache of ours, and batched left-padded generation
+    differs from one prompt at a time."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
 _MIN_SHARED = 16
 """Shortest common prefix (tokens) worth a pass of its own."""
 _MAX_SHARED = 64
 """Most prompts scored on one shared prefix (their remaining tokens run as one batch)."""
 
 
-def _groups(
-    prompts: Sequence[Prompt], rows: Sequence[Sequence[int]], batch_size: int, *, shared: bool
-) -> list[list[int]]:
+def _groups(prompts: Sequence[Prompt], batch_size: int, *, shared: bool) -> list[list[int]]:
     """Index groups scored together: runs of consecutive prompts of one user (``shared``), else
     plain batches of ``batch_size``."""
     groups: list[list[int]] = []
-    for i in range(len(rows)):
+    for i in range(len(prompts)):
         last = groups[-1] if groups else None
         same = last is not None and prompts[last[0]].user_id == prompts[i].user_id
         limit = _MAX_SHARED if shared and same else batch_size
@@ -169,9 +173,8 @@ def _score_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt]) -> list[
     dot = tokenizer.convert_tokens_to_ids(".")
     rows = tokenizer(_chats(tokenizer, prompts), add_special_tokens=False)["input_ids"]
     leads = list(range(1, max(len(p.candidates) for p in prompts) // 10 + 1))
-    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", 0)
     with torch.inference_mode():
-        if prompt_learning:  # prefixes ignore a passed cache: run prompt + digit per lead
+        if is_prompt_learning(model):  # prefixes ignore a passed cache: run prompt + digit per lead
             first, second = _score_uncached(model, rows, leads, digit, tokenizer.pad_token_id)
         else:
             first, second = _score_cached(model, rows, leads, digit, tokenizer.pad_token_id)

@@ -643,7 +643,7 @@ def test_yes_no_scores_with_a_shared_prefix_equal_full_passes(tiny: tuple[Any, A
         for item, count in zip(items[:5], (0, 3, 40, 7, 300), strict=True)
     ]
     rows = tokenizer(verbalizer._chats(tokenizer, prompts), add_special_tokens=False)["input_ids"]
-    assert verbalizer._groups(prompts, rows, 2, shared=True) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert verbalizer._groups(prompts, 2, shared=True) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert verbalizer._common_prefix(rows[:5]) >= 0.6 * len(rows[0])  # the summary is shared
     yes, no = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
     want = []
